@@ -1,0 +1,112 @@
+"""Every exception flagopt raises on purpose, in one place.
+
+Each subclasses the builtin a caller would already catch (``ValueError`` for bad input,
+``OSError`` for files and the network), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class FlagOptError(Exception):
+    """Base class of flagopt's own errors."""
+
+
+# --- configuration and registry -------------------------------------------------------------
+
+
+class ConfigError(FlagOptError, ValueError):
+    """A model configuration is inconsistent or malformed."""
+
+
+class UnknownModelError(FlagOptError, ValueError):
+    """A model name is in neither the registry nor the hub-id / local-directory forms."""
+
+
+class UnknownTaskError(FlagOptError, ValueError):
+    """A task name is not one flagopt knows."""
+
+
+class RegistryError(FlagOptError, ValueError):
+    """A model-zoo registry file is malformed."""
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+class CheckpointError(FlagOptError, OSError):
+    """A checkpoint on disk cannot be used as it is."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A weights file is truncated, not a weights file at all, or has a hostile header."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle checkpoint tries to run code; it is refused and never executed."""
+
+
+class MissingWeightsError(CheckpointError):
+    """A checkpoint lacks tensors the model needs, or has tensors the model does not."""
+
+
+class ShapeMismatchError(CheckpointError):
+    """A tensor's shape in the checkpoint differs from what the config implies."""
+
+
+class UnsafePathError(FlagOptError, ValueError):
+    """A file name (from a registry or an index) would escape its model directory."""
+
+
+# --- downloads --------------------------------------------------------------------------------
+
+
+class DownloadError(FlagOptError, OSError):
+    """A file could not be downloaded."""
+
+
+class HTTPStatusError(DownloadError):
+    """The server answered with an HTTP error status."""
+
+    def __init__(self, message: str, url: str = "", status: int = 0) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class EntryNotFoundError(HTTPStatusError):
+    """The server answered 404 for a file."""
+
+
+class AccessDeniedError(HTTPStatusError):
+    """The server answered 401 or 403 for a file."""
+
+
+class ChecksumError(DownloadError):
+    """A downloaded file's size or hash does not match what was expected."""
+
+
+class StalledDownloadError(DownloadError):
+    """A transfer delivered too few bytes for too long and was cut off."""
+
+
+class InsufficientDiskSpaceError(DownloadError):
+    """The disk cannot hold the file (checked up front, or filled while writing)."""
+
+
+class LockTimeoutError(DownloadError):
+    """Another process held a download lock for longer than the wait allowed."""
+
+
+class OfflineError(DownloadError):
+    """Files are missing and the network is forbidden (``offline=True`` / ``FLAGOPT_OFFLINE``)."""
+
+
+class UnsafeURLError(FlagOptError, ValueError):
+    """An endpoint or redirect is not plain HTTP(S)."""
+
+
+# --- generation -------------------------------------------------------------------------------
+
+
+class NonFiniteLogitsError(FlagOptError, FloatingPointError):
+    """The model produced NaN or infinite logits (often fp16 overflow)."""
