@@ -1,0 +1,128 @@
+"""Build an OPT model from a checkpoint directory without a second copy of the weights.
+
+The model is built on the ``meta`` device (no random weights allocated), then each tensor is
+read (memory-mapped), converted straight to the target dtype and device, and assigned by
+name. Peak memory stays close to one copy of the weights in the target dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flagopt.errors import MissingWeightsError, ShapeMismatchError
+from flagopt.model import checkpoint
+from flagopt.model.config import OPTConfig
+from flagopt.model.heads import OPTForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# A hook that may replace a module once its weight is loaded (int8 quantization uses it).
+TensorHook = Callable[[nn.Module, str, torch.Tensor], None]
+
+_HEAD_KEYS = ("lm_head.", "score.", "qa_outputs.")
+
+
+def load_pretrained(directory: str | os.PathLike,
+                    model_class: type[nn.Module] = OPTForCausalLM,
+                    *,
+                    dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu",
+                    config: OPTConfig | None = None,
+                    attn_implementation: str = "sdpa",
+                    fresh_heads: bool = True,
+                    assign_hook: TensorHook | None = None) -> nn.Module:
+    """Load a model of ``model_class`` from a checkpoint directory in any OPT layout.
+
+    Args:
+        directory: holds ``config.json`` and the weights (see ``checkpoint.WEIGHT_FILES``).
+        model_class: ``OPTForCausalLM``, ``OPTForSequenceClassification``,
+            ``OPTForQuestionAnswering`` or ``OPTModel``.
+        dtype / device: where the weights end up; floating tensors are converted on the way.
+        config: overrides the directory's ``config.json`` (e.g. ``num_labels``).
+        fresh_heads: task-head tensors the checkpoint lacks (``score``, ``qa_outputs``) are
+            initialised fresh (and logged once) instead of being an error.
+        assign_hook: called as ``hook(module, param_name, tensor)`` instead of the plain
+            assignment, for load-time transforms such as quantization.
+    Returns:
+        The model in eval mode.
+    Raises:
+        CheckpointError and subclasses: missing/unexpected tensors, bad shapes, unreadable
+            or unsafe files (each message names the tensor or file and what to do).
+    """
+    directory = Path(directory)
+    config = config or OPTConfig.from_json(directory / "config.json")
+    with torch.device("meta"):
+        model = model_class(config, attn_implementation=attn_implementation)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    tied = getattr(model, "tied", False)
+    prefix = "" if any(k.startswith("model.") for k in expected) else "model."
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for path in checkpoint.find_weight_files(directory):
+        for stored_name, stored in checkpoint.iter_tensors(path):
+            for name, tensor in checkpoint.hf_names(stored_name, stored):
+                name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+                if name == "lm_head.weight" and (tied or "lm_head.weight" not in expected):
+                    continue  # tied to embed_tokens (or no LM head in this model)
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                _check_shape(name, tensor, expected[name], path)
+                target = tensor.to(device=device, dtype=dtype if tensor.is_floating_point()
+                                   else tensor.dtype)
+                _assign(model, name, target, assign_hook)
+                loaded.add(name)
+    _finish(model, expected, loaded, unexpected, tied, fresh_heads, dtype, device, directory,
+            assign_hook)
+    return model.eval()
+
+
+def _check_shape(name: str, tensor: torch.Tensor, param: torch.Tensor, path: Path) -> None:
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ShapeMismatchError(
+            f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)} but the config "
+            f"implies {tuple(param.shape)}; config.json and the weights disagree")
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor,
+            hook: TensorHook | None) -> None:
+    module_name, _, param_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hook is not None:
+        hook(module, param_name, tensor)
+    else:
+        module._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _finish(model: nn.Module, expected: dict[str, torch.Tensor], loaded: set[str],
+            unexpected: list[str], tied: bool, fresh_heads: bool, dtype: torch.dtype,
+            device: torch.device | str, directory: Path, hook: TensorHook | None) -> None:
+    skip = {"lm_head.weight"} if tied else set()
+    missing = [n for n in expected if n not in loaded and n not in skip]
+    fresh = [n for n in missing if fresh_heads and n.startswith(_HEAD_KEYS[1:])]
+    missing = [n for n in missing if n not in fresh]
+    if missing or unexpected:
+        raise MissingWeightsError(
+            checkpoint.describe_missing(missing, unexpected, str(directory)))
+    if fresh:
+        logger.warning("%s: no weights for %s in %s; they start fresh (train them first)",
+                       type(model).__name__, ", ".join(sorted(fresh)), directory)
+        for name in fresh:
+            _assign(model, name, _fresh_tensor(name, expected[name], model, dtype, device), hook)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _fresh_tensor(name: str, meta: torch.Tensor, model: nn.Module, dtype: torch.dtype,
+                  device: torch.device | str) -> torch.Tensor:
+    """The reference's initialisation: normal(0, init_std) weights, zero biases."""
+    if name.endswith(".bias"):
+        return torch.zeros(meta.shape, dtype=dtype, device=device)
+    std = model.config.init_std
+    return torch.empty(meta.shape, dtype=torch.float32, device=device).normal_(0, std).to(dtype)
