@@ -110,3 +110,10 @@ class UnsafeURLError(FlagOptError, ValueError):
 
 class NonFiniteLogitsError(FlagOptError, FloatingPointError):
     """The model produced NaN or infinite logits (often fp16 overflow)."""
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+
+
+class TokenizerError(FlagOptError, ValueError):
+    """Tokenizer files are malformed, or a tokenizer call got an invalid argument."""
