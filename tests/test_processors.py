@@ -1,0 +1,533 @@
+"""Logits processors and stopping criteria, checked against transformers (a test-only oracle)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from transformers.generation import logits_process as hf
+from transformers.generation.utils import GenerationMixin
+
+from flagopt.predictor.processors import (
+    MinNewTokens,
+    MinP,
+    NoRepeatNGram,
+    RepetitionPenalty,
+    Temperature,
+    TopK,
+    TopP,
+    apply_processors,
+    build_logits_processors,
+    sample,
+)
+from flagopt.predictor.stopping import EosCriterion, StopStrings, max_new_tokens_allowed
+
+VOCAB = 1000
+SEEDS = (0, 1, 2)
+BATCHES = (1, 4)
+TOKENIZER_DIR = Path("/work/shared/opt-tokenizer")
+
+
+def _scores(seed: int, batch: int, vocab: int = VOCAB) -> torch.Tensor:
+    """fp32 [batch, vocab] logits with many ties (rounded rows) and some -inf entries."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, vocab, generator=gen) * 3
+    scores[::2] = torch.round(scores[::2] * 2) / 2  # every other row: heavy ties
+    scores[:, :3] = scores[:, 3:4]  # a tie at every row's first entries
+    ninf = torch.rand(batch, vocab, generator=gen) < 0.05
+    return scores.masked_fill(ninf, float("-inf"))
+
+
+def _ids(seed: int, batch: int, length: int, high: int = 30) -> torch.Tensor:
+    """Token ids from a small range so that tokens and n-grams repeat."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    return torch.randint(0, high, (batch, length), generator=gen)
+
+
+def _mask(scores: torch.Tensor) -> torch.Tensor:
+    return torch.isneginf(scores)
+
+
+def _assert_same_filter(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert torch.equal(_mask(ours), _mask(theirs))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+# --- processors vs transformers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("penalty", [1.3, 0.6, 2])
+def test_repetition_penalty_matches_hf(seed: int, batch: int, penalty: float) -> None:
+    ids, scores = _ids(seed, batch, 17, high=VOCAB // 4), _scores(seed, batch)
+    theirs = hf.RepetitionPenaltyLogitsProcessor(float(penalty))(ids, scores.clone())
+    ours = RepetitionPenalty(penalty)(ids, scores.clone())
+    assert not torch.equal(ours, scores)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_matches_hf(seed: int, batch: int, n: int) -> None:
+    high = {1: 200, 2: 10, 3: 3, 4: 2}[n]  # small alphabets so long n-grams repeat
+    ids, scores = _ids(seed, batch, 100, high=high), _scores(seed, batch)
+    theirs = hf.NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
+    ours = NoRepeatNGram(n)(ids, scores.clone())
+    assert torch.isneginf(NoRepeatNGram(n)(ids, torch.zeros(batch, VOCAB))).any(dim=-1).all()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3])
+def test_no_repeat_ngram_shorter_than_n_is_identity(length: int) -> None:
+    ids, scores = _ids(0, 2, length), _scores(0, 2)
+    assert torch.equal(NoRepeatNGram(4)(ids, scores.clone()), scores)
+
+
+@pytest.mark.parametrize("eos", [[2], [2, 7, 999]])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_min_new_tokens_matches_hf(eos: list[int], seed: int) -> None:
+    prompt_len, min_new = 5, 3
+    ours_proc = MinNewTokens(prompt_len, min_new, eos)
+    theirs_proc = hf.MinNewTokensLengthLogitsProcessor(prompt_len, min_new, eos)
+    for length in range(prompt_len, prompt_len + min_new + 3):
+        ids, scores = _ids(seed, 3, length), _scores(seed + length, 3)
+        scores[:, eos] = 0.5
+        ours, theirs = ours_proc(ids, scores.clone()), theirs_proc(ids, scores.clone())
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        banned = length - prompt_len < min_new
+        assert torch.isneginf(ours[:, eos]).all().item() is banned
+
+
+def test_min_new_tokens_bans_exactly_while_short() -> None:
+    proc = MinNewTokens(prompt_len=4, min_new_tokens=2, eos_token_ids=[2, 5])
+    scores = torch.zeros(2, 8)
+    for length, banned in [(4, True), (5, True), (6, False), (7, False)]:
+        out = proc(torch.zeros(2, length, dtype=torch.long), scores.clone())
+        assert torch.isneginf(out[:, [2, 5]]).all().item() is banned
+        assert torch.equal(torch.isneginf(out).sum(), torch.tensor(4 if banned else 0))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("t", [0.3, 0.7, 1.5, 2])
+def test_temperature_matches_hf(seed: int, batch: int, t: float) -> None:
+    scores = _scores(seed, batch)
+    ours = Temperature(t)(None, scores.clone())
+    theirs = hf.TemperatureLogitsWarper(float(t))(None, scores.clone())
+    _assert_same_filter(ours, theirs)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize(
+    "k, keep", [(1, 1), (5, 1), (5, 8), (50, 1), (VOCAB - 1, 1), (VOCAB + 5, 1)]
+)
+def test_top_k_matches_hf(seed: int, batch: int, k: int, keep: int) -> None:
+    scores = _scores(seed, batch)
+    ours = TopK(k, min_tokens_to_keep=keep)(None, scores.clone())
+    theirs = hf.TopKLogitsWarper(k, min_tokens_to_keep=keep)(None, scores.clone())
+    _assert_same_filter(ours, theirs)
+    if k < 50:
+        assert _mask(ours).sum() > _mask(scores).sum()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("p, keep", [(0.0, 1), (0.1, 1), (0.5, 1), (0.9, 1), (0.99, 3), (0.2, 20)])
+def test_top_p_matches_hf(seed: int, batch: int, p: float, keep: int) -> None:
+    scores = _scores(seed, batch)
+    ours = TopP(p, min_tokens_to_keep=keep)(None, scores.clone())
+    theirs = hf.TopPLogitsWarper(p, min_tokens_to_keep=keep)(None, scores.clone())
+    _assert_same_filter(ours, theirs)
+    assert _mask(ours).sum() > _mask(scores).sum()
+
+
+def test_top_p_with_a_tie_at_the_cut() -> None:
+    scores = torch.log(torch.tensor([[0.4, 0.3, 0.3], [0.5, 0.25, 0.25]]))
+    for p in (0.5, 0.6, 0.7, 0.75):
+        ours = TopP(p)(None, scores.clone())
+        _assert_same_filter(ours, hf.TopPLogitsWarper(p)(None, scores.clone()))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("p, keep", [(0.01, 1), (0.1, 1), (0.5, 1), (1.0, 1), (0.9, 4)])
+def test_min_p_matches_hf(seed: int, batch: int, p: float, keep: int) -> None:
+    scores = _scores(seed, batch)
+    ours = MinP(p, min_tokens_to_keep=keep)(None, scores.clone())
+    theirs = hf.MinPLogitsWarper(p, min_tokens_to_keep=keep)(None, scores.clone())
+    _assert_same_filter(ours, theirs)
+    assert _mask(ours).sum() > _mask(scores).sum()
+
+
+# --- the order of build_logits_processors ----------------------------------------------------
+
+
+class _ModelStub(GenerationMixin):
+    """Just enough of a model for transformers' own `_get_logits_processor`."""
+
+    def __init__(self) -> None:
+        self.config = types.SimpleNamespace(is_encoder_decoder=False)
+
+
+def _hf_processors(
+    ids: torch.Tensor, prompt_len: int, eos: list[int], sampling: bool, num_beams: int, **params
+):
+    params = {k: v for k, v in params.items() if not (k == "min_p" and v == 0.0)}
+    config = GenerationConfig(
+        do_sample=sampling, num_beams=num_beams, eos_token_id=eos or None, **params
+    )
+    config._eos_token_tensor = torch.tensor(eos) if eos else None  # normally set by generate()
+    return _ModelStub()._get_logits_processor(
+        config,
+        input_ids_seq_length=prompt_len,
+        device="cpu",
+        model_kwargs={"attention_mask": torch.ones_like(ids)},
+    )
+
+
+_HF_NAMES = {
+    "RepetitionPenaltyLogitsProcessor": "RepetitionPenalty",
+    "NoRepeatNGramLogitsProcessor": "NoRepeatNGram",
+    "MinNewTokensLengthLogitsProcessor": "MinNewTokens",
+    "TemperatureLogitsWarper": "Temperature",
+    "TopKLogitsWarper": "TopK",
+    "TopPLogitsWarper": "TopP",
+    "MinPLogitsWarper": "MinP",
+}
+
+_PARAMS = [
+    dict(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=4, temperature=0.7,
+         top_k=40, top_p=0.9, min_p=0.05),
+    dict(repetition_penalty=0.8, temperature=1.6, top_p=0.6, min_p=0.2),
+    dict(no_repeat_ngram_size=3, top_k=7, top_p=0.5),
+    dict(temperature=0.5, top_k=300, min_p=0.1),
+    dict(min_new_tokens=10, temperature=2.0, top_p=0.95),
+    dict(top_k=50),
+]
+
+
+@pytest.mark.parametrize("params", _PARAMS)
+@pytest.mark.parametrize("sampling", [True, False])
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("eos", [[2], [2, 11]])
+def test_build_matches_hf_pipeline(params: dict, sampling: bool, num_beams: int, eos: list[int]):
+    ids = _ids(3, 4, 12, high=VOCAB // 20)
+    prompt_len = ids.shape[1] - 1  # one token generated so far
+    theirs = _hf_processors(ids, prompt_len, eos, sampling, num_beams, **params)
+    ours = build_logits_processors(
+        prompt_len=prompt_len, eos_token_ids=eos, sampling=sampling, num_beams=num_beams, **params
+    )
+    assert [type(p).__name__ for p in ours] == [_HF_NAMES[type(p).__name__] for p in theirs]
+    for mine, ref in zip(ours, theirs):
+        if hasattr(ref, "min_tokens_to_keep"):
+            assert mine.min_tokens_to_keep == ref.min_tokens_to_keep
+    for seed in SEEDS:
+        scores = _scores(seed, 4)
+        got = apply_processors(ours, ids, scores.clone())
+        want = theirs(ids, scores.clone())
+        _assert_same_filter(got, want)
+        # The order matters (reversed gives other scores), so the order check above has teeth.
+        if sampling and len(ours) > 1:
+            shuffled = apply_processors(ours[::-1], ids, scores.clone())
+            assert not torch.equal(shuffled, got)
+
+
+def test_prompt_len_matters_to_min_new_tokens_in_pipeline() -> None:
+    ids = _ids(0, 2, 6)
+    params = dict(min_new_tokens=1, eos_token_ids=[2], sampling=False)
+    procs = build_logits_processors(prompt_len=6, **params)
+    assert torch.isneginf(apply_processors(procs, ids, torch.zeros(2, 10))[:, 2]).all()
+    procs = build_logits_processors(prompt_len=5, **params)
+    assert not torch.isneginf(apply_processors(procs, ids, torch.zeros(2, 10))).any()
+
+
+# --- padding, neutral values, dtypes ----------------------------------------------------------
+
+
+def _every_processor(prompt_len: int) -> list:
+    return build_logits_processors(
+        prompt_len=prompt_len, repetition_penalty=1.4, no_repeat_ngram_size=2, min_new_tokens=8,
+        eos_token_ids=[2, 5], temperature=0.8, top_k=200, top_p=0.95, min_p=0.02, sampling=True,
+    )
+
+
+_PADDING_CASES = {
+    "rep1.5": lambda prompt_len: [RepetitionPenalty(1.5)],
+    "rep0.5": lambda prompt_len: [RepetitionPenalty(0.5)],
+    "ngram1": lambda prompt_len: [NoRepeatNGram(1)],
+    "ngram2": lambda prompt_len: [NoRepeatNGram(2)],
+    "ngram3": lambda prompt_len: [NoRepeatNGram(3)],
+    "min_new": lambda prompt_len: [MinNewTokens(prompt_len, 8, [2, 5])],
+    "pipeline": _every_processor,
+}
+
+
+@pytest.mark.parametrize("case", sorted(_PADDING_CASES))
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("extra", [0, 4])
+def test_left_padding_is_ignored(case: str, seed: int, extra: int) -> None:
+    """A batch whose rows carry different amounts of -1 padding = each row processed alone."""
+    build = _PADDING_CASES[case]
+    length, generated, pads = 20, 3, [0, 3, 9]
+    ids = _ids(seed, 3, length, high=6)
+    padded = torch.cat([torch.full((3, extra), -1), ids], dim=1)  # (3, extra + length)
+    for row, pad in enumerate(pads):
+        padded[row, extra : extra + pad] = -1
+    scores = _scores(seed, 3)
+    got = apply_processors(build(extra + length - generated), padded, scores.clone())
+    for row, pad in enumerate(pads):
+        alone = ids[row : row + 1, pad:]  # (1, length - pad): the row's real tokens only
+        alone_procs = build(length - pad - generated)
+        want = apply_processors(alone_procs, alone, scores[row : row + 1].clone())
+        _assert_same_filter(got[row : row + 1], want)
+    assert not torch.equal(got, scores)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_repetition_penalty_padding_matches_hf_generate(seed: int) -> None:
+    """HF's generate keeps left padding out of the penalty via the attention mask; -1 does here."""
+    ids = _ids(seed, 3, 15, high=VOCAB // 4)
+    attention = torch.ones_like(ids)
+    for row, pad in enumerate([0, 4, 11]):
+        attention[row, :pad] = 0
+    pad_id = 1  # OPT's <pad>: a real vocabulary entry that HF must not penalise
+    hf_ids = ids.masked_fill(attention == 0, pad_id)
+    ours_ids = ids.masked_fill(attention == 0, -1)
+    scores = _scores(seed, 3)
+    ignore = (attention != 0).int().argmax(dim=1)  # what generate passes as prompt_ignore_length
+    theirs = hf.RepetitionPenaltyLogitsProcessor(1.7, prompt_ignore_length=ignore)
+    want = theirs(hf_ids, scores.clone())
+    got = RepetitionPenalty(1.7)(ours_ids, scores.clone())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_padding_never_counts_as_token_or_ngram() -> None:
+    # Only padding and a single token: no bigram exists, nothing seen but token 4.
+    ids = torch.tensor([[-1, -1, -1, -1, 4]])
+    scores = torch.ones(1, 8)
+    assert torch.equal(NoRepeatNGram(2)(ids, scores.clone()), scores)
+    out = RepetitionPenalty(2.0)(ids, scores.clone())
+    assert torch.equal(out, torch.tensor([[1, 1, 1, 1, 0.5, 1, 1, 1]]))
+    for n in (1, 2, 3):  # a row of padding only
+        assert torch.equal(NoRepeatNGram(n)(torch.full((1, 4), -1), scores.clone()), scores)
+    assert torch.equal(RepetitionPenalty(2.0)(torch.full((1, 4), -1), scores.clone()), scores)
+    # (-1, -1) repeated must not ban -1 -> index V-1 by wraparound or anything else.
+    ids = torch.tensor([[-1, -1, -1, 7, 7]])
+    out = NoRepeatNGram(2)(ids, scores.clone())
+    assert torch.equal(torch.isneginf(out), torch.arange(8)[None] == 7)
+
+
+def test_ids_outside_the_vocab_are_ignored() -> None:
+    ids = torch.tensor([[3, 12, 3, 12]])  # 12 >= V = 8, as with an embedding larger than lm_head
+    scores = torch.ones(1, 8)
+    assert torch.equal(RepetitionPenalty(2.0)(ids, scores.clone())[0, 7], torch.tensor(1.0))
+    assert torch.equal(NoRepeatNGram(2)(torch.tensor([[3, 12, 3]]), scores.clone()), scores)
+
+
+@pytest.mark.parametrize(
+    "proc",
+    [RepetitionPenalty(1.0), NoRepeatNGram(0), MinNewTokens(4, 0, [2]), MinNewTokens(4, 9, []),
+     Temperature(1.0), TopK(0), TopK(0, min_tokens_to_keep=5), TopP(1.0), TopP(1.0, 4), MinP(0.0),
+     MinP(0.0, 3)],
+)
+def test_neutral_values_are_identities(proc) -> None:
+    ids, scores = _ids(0, 4, 9), _scores(0, 4)
+    assert torch.equal(proc(ids, scores.clone()), scores)
+
+
+def test_neutral_parameters_build_nothing() -> None:
+    assert build_logits_processors(prompt_len=5, sampling=True) == []
+    assert build_logits_processors(prompt_len=5, sampling=False) == []
+    assert build_logits_processors(prompt_len=5, min_new_tokens=3, sampling=True) == []  # no EOS
+    warpers = dict(temperature=0.5, top_k=3, top_p=0.5, min_p=0.1)
+    assert build_logits_processors(prompt_len=5, sampling=False, **warpers) == []
+    assert len(build_logits_processors(prompt_len=5, sampling=True, **warpers)) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_scores(dtype: torch.dtype) -> None:
+    ids = _ids(1, 4, 16, high=VOCAB // 10)
+    scores = _scores(1, 4)
+    procs = _every_processor(10)
+    out = apply_processors(procs, ids, scores.to(dtype))
+    assert out.dtype == dtype and out.shape == scores.shape
+    assert not torch.isnan(out).any() and (~_mask(out)).sum(dim=-1).min() >= 1
+    # The processors that do not rank keep the same mask as in fp32.
+    for proc in procs[:3]:
+        half = proc(ids, scores.to(dtype))
+        assert torch.equal(_mask(half), _mask(proc(ids, scores.clone())))
+        torch.testing.assert_close(half.float(), proc(ids, scores.clone()), atol=0.02, rtol=0.01)
+    tokens = sample(out, torch.Generator().manual_seed(0))
+    assert tokens.dtype == torch.long and not _mask(out).gather(1, tokens[:, None]).any()
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+
+def test_sample_is_reproducible_and_seed_dependent() -> None:
+    scores = torch.zeros(64, VOCAB)
+    first = sample(scores, torch.Generator().manual_seed(7))
+    again = sample(scores, torch.Generator().manual_seed(7))
+    other = sample(scores, torch.Generator().manual_seed(8))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert first.shape == (64,) and first.dtype == torch.long
+
+
+def test_sample_matches_hf_multinomial_with_same_seed() -> None:
+    scores = TopP(0.9)(None, _scores(2, 8))
+    torch.manual_seed(123)
+    want = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    assert torch.equal(sample(scores, torch.Generator().manual_seed(123)), want)
+
+
+def test_sample_never_draws_filtered_tokens() -> None:
+    base = _scores(4, 1)
+    kept = TopK(5)(None, base.clone())
+    draws = sample(kept.expand(4000, -1).contiguous(), torch.Generator().manual_seed(0))
+    allowed = torch.nonzero(~_mask(kept[0])).squeeze(1)
+    assert torch.isin(draws, allowed).all()
+    assert len(torch.unique(draws)) > 1  # really sampling, not argmax
+
+
+# --- constructor checks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RepetitionPenalty(0.0), lambda: RepetitionPenalty(-1.0), lambda: NoRepeatNGram(-1),
+        lambda: NoRepeatNGram(1.5), lambda: MinNewTokens(-1, 2, [2]),
+        lambda: MinNewTokens(3, -2, [2]),
+        lambda: MinNewTokens(3, 2, [-1]), lambda: Temperature(0.0), lambda: Temperature(-0.5),
+        lambda: Temperature(float("inf")), lambda: TopK(-1), lambda: TopK(2.5),
+        lambda: TopK(5, min_tokens_to_keep=0), lambda: TopP(1.1), lambda: TopP(-0.1),
+        lambda: MinP(1.5), lambda: MinP(-0.2), lambda: MinP(0.1, min_tokens_to_keep=0),
+        lambda: build_logits_processors(prompt_len=3, temperature=0.0, sampling=True),
+        lambda: build_logits_processors(prompt_len=3, top_k=-3, sampling=True),
+        lambda: build_logits_processors(prompt_len=3, sampling=True, num_beams=0),
+    ],
+)
+def test_bad_values_raise(make) -> None:
+    with pytest.raises(ValueError):
+        make()
+
+
+# --- stopping ---------------------------------------------------------------------------------
+
+
+def test_eos_criterion() -> None:
+    tokens = torch.tensor([2, 5, 7, 2, 0])
+    one, two = EosCriterion([2], "cpu")(tokens), EosCriterion([2, 7], "cpu")(tokens)
+    assert one.dtype == torch.bool and one.shape == (5,)
+    assert one.tolist() == [True, False, False, True, False]
+    assert two.tolist() == [True, False, True, True, False]
+    assert not EosCriterion([], "cpu")(tokens).any()
+    with pytest.raises(ValueError):
+        EosCriterion([-2], "cpu")
+
+
+_TABLE = {0: "Hel", 1: "lo", 2: " wor", 3: "ld", 4: "\n", 5: "##", 6: "#", 7: "x" * 40,
+          8: "", 9: "END", 10: "E", 11: "ND", 12: "Q"}
+
+
+def _fake_decode(ids: list[int]) -> str:
+    return "".join(_TABLE[i] for i in ids)
+
+
+def test_stop_strings_span_tokens_and_sit_inside_long_tokens() -> None:
+    stops = StopStrings(["lo wo", "###", "xxx"], _fake_decode)
+    rows = [[0, 1, 2], [0, 1, 3], [5, 6], [12, 7], [5, 12, 6], [8, 8, 1, 8, 8, 2]]
+    assert stops.check(rows) == [True, False, True, True, False, True]
+    assert stops.check(torch.tensor([[0, 1, 2], [0, 1, 3]])) == [True, False]
+    assert stops.check(rows, active_rows=[False, True, True, False, True, True]) == [
+        False, False, True, False, False, True]
+    assert stops.check(rows[:2], active_rows=torch.tensor([True, False])) == [True, False]
+    assert stops.check([[-1, -1, 5, 6]]) == [True]  # padding skipped
+    assert StopStrings([], _fake_decode).check(rows) == [False] * len(rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stop_strings_stepwise_equals_full_decode(seed: int) -> None:
+    """Checked after every step, the tail window finds the stop exactly when a full decode does."""
+    rng = random.Random(seed)
+    stops = StopStrings(["END\n", "x#", "##Q", "lo wor"], _fake_decode)
+    for _ in range(40):
+        row: list[int] = []
+        for _ in range(60):
+            row.append(rng.choice([8, 8, 8, 8, 9, 10, 11, 4, 5, 6, 12, 7, 0, 1, 2, 3]))
+            full = _fake_decode(row)
+            want = any(s in full for s in stops.stops)
+            assert stops.check([row]) == [want], (row, full)
+            if want:
+                break
+
+
+def test_stop_strings_with_real_opt_tokenizer() -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.ByteLevelBPETokenizer(
+        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt")
+    )
+    decode = tok.decode
+    text = "Hello world! 🙂 日本語 stop🙂here ###END### done and more words after"
+    ids = tok.encode(text).ids
+    for stop in ["🙂here", "日本", "END#", "d! ", "p🙂h", " done and more"]:
+        finder = StopStrings([stop], decode)
+        first = next(n for n in range(1, len(ids) + 1) if stop in decode(ids[:n]))
+        for n in range(1, first + 1):  # stepwise: False until the stop's last token
+            assert finder.check([ids[:n]]) == [n == first], (stop, n)
+        assert finder.trim(decode(ids)) == text[: text.index(stop)]
+    # Several new tokens at once.
+    finder = StopStrings(["日本語"], decode)
+    where = next(n for n in range(1, len(ids) + 1) if "日本語" in decode(ids[:n]))
+    assert finder.check([ids[: where + 3]], new_tokens=4) == [True]
+
+
+def test_trim() -> None:
+    stops = StopStrings(["\n\n", "###", "Q:"], _fake_decode)
+    assert stops.trim("answer\n\nQ: next") == "answer"
+    assert stops.trim("a Q: b ### c\n\n") == "a "
+    assert stops.trim("nothing here") == "nothing here"
+    assert stops.trim("###") == ""
+    assert stops.trim("") == ""
+
+
+@pytest.mark.parametrize("bad", [[""], ["ok", ""], "stop", [3]])
+def test_bad_stop_strings_rejected(bad) -> None:
+    with pytest.raises(ValueError):
+        StopStrings(bad, _fake_decode)
+
+
+@pytest.mark.parametrize(
+    "prompt_len, requested, max_positions, allowed",
+    [(0, 10, 2048, 10), (10, 20, 2048, 20), (2040, 20, 2048, 8), (2047, 5, 2048, 1),
+     (2048, 5, 2048, 0), (3000, 5, 2048, 0), (7, 0, 2048, 0), (1, 2048, 2048, 2047)],
+)
+def test_max_new_tokens_allowed(prompt_len: int, requested: int, max_positions: int, allowed: int):
+    assert max_new_tokens_allowed(prompt_len, requested, max_positions) == allowed
+
+
+@pytest.mark.parametrize("args", [(-1, 5, 2048), (5, -1, 2048), (5, 5, 0), (5, 2.0, 2048)])
+def test_max_new_tokens_allowed_rejects_bad_values(args) -> None:
+    with pytest.raises(ValueError):
+        max_new_tokens_allowed(*args)
+
+
+def test_every_stop_step_combination_small() -> None:
+    """Exhaustive over short rows from a tiny table that includes empty and long tokens."""
+    stops = StopStrings(["ENDE", "#Q"], _fake_decode)
+    for row in itertools.product([8, 9, 10, 11, 6, 12], repeat=4):
+        row = list(row)
+        prev = any(s in _fake_decode(row[:-1]) for s in stops.stops)
+        if prev:
+            continue  # a stepwise caller would have stopped already
+        want = any(s in _fake_decode(row) for s in stops.stops)
+        assert stops.check([row]) == [want]
