@@ -240,9 +240,12 @@ def test_cache_update_reorder_repeat() -> None:
     cache.reorder(torch.tensor([2, 2, 0]))
     assert cache.k[0, :, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
     assert cache.v[0, :, 0, 0, 0].tolist() == [12.0, 12.0, 10.0]
-    wide = cache.repeat_rows(2)
-    assert wide.batch_size == 6 and wide.length == 2
+    wide = KVCache(2, 6, 1, 4, 2)
+    wide.copy_rows_from(cache, 2)
+    assert wide.length == 2
     assert wide.k[0, :, 0, 0, 0].tolist() == [2.0, 2.0, 2.0, 2.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="cannot copy"):
+        wide.copy_rows_from(cache, 3)
     cache.reset()
     assert cache.length == 0
 

@@ -18,8 +18,8 @@ class KVCache:
 
     API: ``update`` (write one layer's new keys/values, get the filled prefix back),
     ``advance`` (count the positions a forward pass added), ``reset``, ``reorder`` (beam
-    search: gather rows by index, in place) and ``repeat_rows`` (copy each prompt's cache into
-    N consecutive rows).
+    search: gather rows by index, in place) and ``copy_rows_from`` (copy each prompt's cache
+    into N consecutive rows).
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, capacity: int,
@@ -74,13 +74,20 @@ class KVCache:
                 rows = kind[layer, :, :, filled]  # (B, H, length, D)
                 rows.copy_(rows.index_select(0, index))
 
-    def repeat_rows(self, n: int) -> "KVCache":
-        """A new cache of ``batch * n`` rows where rows ``i*n .. i*n+n-1`` copy row ``i``."""
-        out = KVCache.__new__(KVCache)
-        out.k = self.k.repeat_interleave(n, dim=1)
-        out.v = self.v.repeat_interleave(n, dim=1)
-        out.length = self.length
-        return out
+    def copy_rows_from(self, other: "KVCache", n: int) -> None:
+        """Fill rows ``i*n .. i*n+n-1`` with ``other``'s row ``i`` (one prompt, n beams).
+
+        ``other`` must hold ``batch / n`` rows; its filled positions are copied and this
+        cache's ``length`` becomes ``other.length``.
+        """
+        if other.batch_size * n != self.batch_size:
+            raise ValueError(f"cannot copy {other.batch_size} rows x {n} into "
+                             f"{self.batch_size} rows")
+        filled = slice(0, other.length)
+        for i in range(n):  # strided writes: no temporary of the repeated size
+            self.k[:, i::n, :, filled] = other.k[:, :, :, filled]
+            self.v[:, i::n, :, filled] = other.v[:, :, :, filled]
+        self.length = other.length
 
     def _grow(self, needed: int) -> None:
         # Only for callers that did not size the cache up front (e.g. forward(use_cache=True)).

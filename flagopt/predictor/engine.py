@@ -1,0 +1,249 @@
+"""The decoding engine: one loop over a static KV cache for every strategy.
+
+    prefill the prompt -> [choose next tokens -> append -> stop checks -> one-token forward]*
+
+The loop lives in ``decode_steps``. Strategies differ only in how they choose the next token
+(``Chooser`` subclasses here and in ``beam.py`` / ``contrastive.py``). Work stays on the
+device: the only host synchronisation per step is the "are all rows done?" check (every step
+on CPU, every few steps on CUDA, where rows that are done just emit padding meanwhile) and,
+only when stop strings are given, decoding the newest text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flagopt.errors import NonFiniteLogitsError
+from flagopt.model.cache import KVCache
+from flagopt.predictor.params import GenerationParams
+from flagopt.predictor.processors import LogitsProcessor, apply_processors, \
+    build_logits_processors, sample
+from flagopt.predictor.stopping import EosCriterion, StopStrings
+
+PAD_HISTORY = -1  # "no token here" in the history processors see (left padding)
+
+
+@dataclass
+class GenerationResult:
+    """Token ids and scores of one ``generate`` call.
+
+    ``sequences`` is ``(N, prompt + new)`` with the prompt as given (left-padded) and padding
+    after each row's end, N = batch * num_return_sequences. ``num_generated[i]`` counts the
+    new tokens of row i including a final EOS. ``token_scores`` (greedy, sampling,
+    contrastive) are the log-probabilities of the chosen tokens under the processed
+    distribution; ``sequence_scores`` are their sums, or the beam scores for beam search.
+    """
+
+    sequences: torch.Tensor
+    prompt_length: int
+    num_generated: list[int]
+    finish_reasons: list[str]
+    sequence_scores: torch.Tensor
+    token_scores: torch.Tensor | None = None
+
+    @property
+    def new_tokens(self) -> list[list[int]]:
+        """Each row's generated ids (EOS included when it ended on one)."""
+        rows = self.sequences[:, self.prompt_length:].tolist()
+        return [row[:n] for row, n in zip(rows, self.num_generated)]
+
+
+@dataclass
+class DecodeState:
+    """What the loop knows about the rows being decoded (R rows = batch x beams or batch)."""
+
+    model: nn.Module
+    cache: KVCache
+    tokens: torch.Tensor  # (R, T + N): prompt, then generated ids (pad after a row's end)
+    history: torch.Tensor  # (R, T + N): the same with PAD_HISTORY at left padding
+    mask: torch.Tensor | None  # (R, T + N) attention mask, or None when nothing is padded
+    prompt_len: int
+    max_new: int
+    length: int  # positions filled in tokens
+    done: torch.Tensor  # (R,) bool
+    reasons: list[str] = field(default_factory=list)  # "stop" once a stop string ends a row
+    stop_counts: dict[int, int] = field(default_factory=dict)  # row -> new tokens at its stop
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the model on ``input_ids`` (R, t) after what the cache holds; last logits."""
+        end = self.cache.length + input_ids.shape[1]
+        mask = None if self.mask is None else self.mask[:, :end]
+        out = self.model(input_ids, attention_mask=mask, cache=self.cache, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def append(self, next_tokens: torch.Tensor) -> None:
+        self.tokens[:, self.length] = next_tokens
+        self.history[:, self.length] = next_tokens
+        if self.mask is not None:
+            self.mask[:, self.length] = 1
+        self.length += 1
+
+
+class Chooser:
+    """Greedy or sampling choice of the next token, with the processors applied."""
+
+    def __init__(self, params: GenerationParams, state: DecodeState, pad_id: int) -> None:
+        self.params = params
+        self.pad_id = pad_id
+        self.processors: list[LogitsProcessor] = build_logits_processors(
+            prompt_len=state.prompt_len, repetition_penalty=params.repetition_penalty,
+            no_repeat_ngram_size=params.no_repeat_ngram_size,
+            min_new_tokens=params.min_new_tokens, eos_token_ids=params.eos_token_ids,
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+            min_p=params.min_p, sampling=params.sampling, num_beams=1)
+        device = state.tokens.device
+        self.generator = _generator(params.seed, device) if params.sampling else None
+        self.eos = EosCriterion(params.eos_token_ids, device)
+        self.scores = torch.zeros(state.tokens.shape[0], state.max_new, device=device)
+
+    def prefill(self, state: DecodeState) -> torch.Tensor:
+        """Run the prompt through the model; logits of its last position (R, V)."""
+        return state.forward(state.tokens[:, :state.prompt_len])
+
+    def process(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        scores = logits.float()
+        if self.processors:
+            scores = apply_processors(self.processors, state.history[:, :state.length], scores)
+        return scores
+
+    def choose(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Next token per row (R,), padding for rows already done."""
+        scores = self.process(logits, state)
+        nxt = sample(scores, self.generator) if self.generator is not None \
+            else scores.argmax(-1)
+        self._record(scores, nxt, state)
+        return torch.where(state.done, self.pad_id, nxt)
+
+    def _record(self, scores: torch.Tensor, nxt: torch.Tensor, state: DecodeState) -> None:
+        step = state.length - state.prompt_len
+        logp = scores.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
+        self.scores[:, step] = torch.where(state.done, 0.0, logp)
+
+    def after_append(self, next_tokens: torch.Tensor, state: DecodeState) -> None:
+        state.done |= self.eos(next_tokens)
+
+    def next_logits(self, next_tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        return state.forward(next_tokens[:, None])
+
+    def all_done(self, state: DecodeState) -> torch.Tensor:
+        return state.done.all()
+
+    def result(self, state: DecodeState) -> GenerationResult:
+        new = state.tokens[:, state.prompt_len:state.length]
+        n = new.shape[1]
+        finished_at = _first_true(torch.isin(new, self.eos._ids), n)  # index of EOS or n
+        counts = (finished_at + (finished_at < n).long()).clamp(max=n)
+        reasons = [r or ("eos" if int(f) < n else "length")
+                   for r, f in zip(state.reasons, finished_at.tolist())]
+        counts_list = counts.tolist()
+        stopped = [i for i, r in enumerate(reasons) if r == "stop"]
+        for i in stopped:  # a stop string ended the row at its last appended token
+            counts_list[i] = state.stop_counts[i]
+        seqs = state.tokens[:, :state.prompt_len + max(counts_list, default=0)].clone()
+        for i, c in enumerate(counts_list):
+            seqs[i, state.prompt_len + c:] = self.pad_id
+        token_scores = self.scores[:, :n].clone()
+        keep = torch.arange(n, device=token_scores.device)[None] < counts[:, None]
+        for i in stopped:
+            keep[i, counts_list[i]:] = False
+        token_scores = token_scores.masked_fill(~keep, 0.0)
+        return GenerationResult(seqs, state.prompt_len, counts_list, reasons,
+                                token_scores.sum(-1), token_scores)
+
+
+def _first_true(flags: torch.Tensor, default: int) -> torch.Tensor:
+    """Index of the first True per row of (R, n) flags, ``default`` where there is none."""
+    n = flags.shape[1]
+    idx = torch.arange(n, device=flags.device).expand_as(flags)
+    return torch.where(flags, idx, default).min(dim=1).values if n else \
+        torch.full((flags.shape[0],), default, device=flags.device)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def start_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                max_new: int, rows_per_prompt: int = 1) -> DecodeState:
+    """Allocate the cache and token buffers for the whole generation (no later growth)."""
+    bsz, t = input_ids.shape
+    rows = bsz * rows_per_prompt
+    total = t + max_new
+    device = input_ids.device
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    padded = not bool(attention_mask.all())
+    tokens = torch.full((rows, total), model.config.pad_token_id, dtype=torch.long,
+                        device=device)
+    tokens[:, :t] = input_ids.repeat_interleave(rows_per_prompt, 0)
+    history = tokens.clone()
+    mask = None
+    if padded:
+        mask = torch.zeros(rows, total, dtype=torch.long, device=device)
+        mask[:, :t] = attention_mask.repeat_interleave(rows_per_prompt, 0)
+        history[:, :t] = history[:, :t].masked_fill(mask[:, :t] == 0, PAD_HISTORY)
+    cache = KVCache.for_model(model.config, rows, total, dtype=_cache_dtype(model),
+                              device=device)
+    return DecodeState(model, cache, tokens, history, mask, t, max_new, t,
+                       torch.zeros(rows, dtype=torch.bool, device=device), [""] * rows)
+
+
+def _cache_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def decode_steps(state: DecodeState, chooser: Chooser,
+                 stop_strings: StopStrings | None = None,
+                 check_every: int = 1) -> Iterator[torch.Tensor]:
+    """The decoding loop. Yields each step's tokens (R,); ``chooser.result(state)`` after.
+
+    Args:
+        state: from ``start_state``; the prompt is prefilled here.
+        chooser: the strategy.
+        stop_strings: host-side stop strings, checked each step when given.
+        check_every: steps between "all rows done?" host checks (1 on CPU).
+    """
+    logits = chooser.prefill(state)
+    for step in range(state.max_new):
+        _check_finite(logits, state)
+        nxt = chooser.choose(logits, state)
+        state.append(nxt)
+        chooser.after_append(nxt, state)
+        if stop_strings is not None:
+            _apply_stop_strings(stop_strings, state)
+        yield nxt
+        last = step == state.max_new - 1
+        if last or ((step + 1) % check_every == 0 and bool(chooser.all_done(state))):
+            break
+        logits = chooser.next_logits(nxt, state)
+
+
+def _check_finite(logits: torch.Tensor, state: DecodeState) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogitsError(
+            f"the model produced NaN/inf logits in {logits.dtype} at position {state.length}; "
+            f"this is usually {logits.dtype} overflow: load the model in float32 or bfloat16")
+
+
+def _apply_stop_strings(stops: StopStrings, state: DecodeState) -> None:
+    generated = state.tokens[:, state.prompt_len:state.length]
+    hits = stops.check(generated, ~state.done)
+    for i, hit in enumerate(hits):
+        if hit:
+            state.reasons[i] = "stop"
+            state.stop_counts[i] = state.length - state.prompt_len
+    if any(hits):
+        state.done |= torch.tensor(hits, device=state.done.device)
+

@@ -1,0 +1,113 @@
+"""``generate``: token ids in, token ids and scores out, for every strategy.
+
+This is the general entry point under the Predictor's text methods. It sizes the static
+cache for prompt + new tokens (capped by the position table), picks the strategy's chooser,
+and runs the one decoding loop of ``engine.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+
+import torch
+from torch import nn
+
+from flagopt.predictor.beam import BeamChooser
+from flagopt.predictor.contrastive import ContrastiveChooser
+from flagopt.predictor.engine import Chooser, GenerationResult, decode_steps, start_state
+from flagopt.predictor.params import GenerationParams
+from flagopt.predictor.stopping import StopStrings, max_new_tokens_allowed
+
+_CHOOSERS = {"greedy": Chooser, "sample": Chooser, "beam": BeamChooser,
+             "contrastive": ContrastiveChooser}
+
+
+def _rows_per_prompt(params: GenerationParams) -> int:
+    if params.strategy == "beam":
+        return params.num_beams
+    if params.strategy == "contrastive":
+        return params.top_k
+    return 1
+
+
+def check_inputs(model: nn.Module, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Validate a prompt batch; returns the attention mask (all ones when none is given)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
+            or input_ids.dtype not in (torch.long, torch.int):
+        raise TypeError("input_ids must be an integer tensor of shape (batch, seq), got "
+                        f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected at least one "
+                         f"token per row (the tokenizer always adds </s>)")
+    vocab = model.config.vocab_size
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                         f"{tuple(input_ids.shape)}")
+    if not bool(attention_mask.any(dim=1).all()):
+        raise ValueError("attention_mask has a row with no real token")
+    return attention_mask.long()
+
+
+def iter_generate(model: nn.Module, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None, params: GenerationParams, *,
+                  decode: Callable[[list[int]], str] | None = None,
+                  check_every: int | None = None
+                  ) -> Generator[torch.Tensor, None, GenerationResult]:
+    """Yield each step's new tokens (one per cache row); return the ``GenerationResult``.
+
+    Args:
+        model: an ``OPTForCausalLM`` (any dtype/device; inputs must be on its device).
+        input_ids / attention_mask: (B, T) left-padded prompts and their mask.
+        params: validated generation parameters.
+        decode: ids -> text, needed only for ``params.stop`` strings.
+        check_every: steps between host checks for "all rows done" (default: 1 on CPU, 4
+            on CUDA).
+    """
+    attention_mask = check_inputs(model, input_ids, attention_mask)
+    max_new = max_new_tokens_allowed(input_ids.shape[1], params.max_new_tokens,
+                                     model.config.max_position_embeddings)
+    if max_new == 0:
+        return _nothing(input_ids, model.config.pad_token_id)
+    stops = None
+    if params.stop and params.strategy != "beam":
+        if decode is None:
+            raise ValueError("stop strings need a decode function (pass the tokenizer's)")
+        stops = StopStrings(params.stop, decode)
+    if check_every is None:
+        check_every = 1 if input_ids.device.type == "cpu" else 4
+    with torch.inference_mode():
+        state = start_state(model, input_ids, attention_mask, max_new,
+                            _rows_per_prompt(params))
+        chooser = _CHOOSERS[params.strategy](params, state, model.config.pad_token_id)
+        yield from decode_steps(state, chooser, stops, check_every)
+        return chooser.result(state)
+
+
+def generate(model: nn.Module, input_ids: torch.Tensor,
+             attention_mask: torch.Tensor | None = None,
+             params: GenerationParams | None = None, **kwargs) -> GenerationResult:
+    """Run ``iter_generate`` to the end. ``kwargs`` go to ``iter_generate``."""
+    return drain(iter_generate(model, input_ids, attention_mask, params or GenerationParams(),
+                               **kwargs))
+
+
+def drain(steps: Generator[torch.Tensor, None, GenerationResult]) -> GenerationResult:
+    """Run an ``iter_generate`` generator to its end and return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _nothing(input_ids: torch.Tensor, pad: int) -> GenerationResult:
+    n = input_ids.shape[0]
+    return GenerationResult(input_ids.clone(), input_ids.shape[1], [0] * n,
+                            ["positions"] * n, torch.zeros(n), torch.zeros(n, 0))

@@ -1,0 +1,260 @@
+"""Predictor: FlagAI's text-in, text-out generation methods over flagopt's engine.
+
+Each ``predict_generate_*`` method validates its parameters once, then delegates to
+``generate``, which tokenizes (left padding, truncation that keeps the last tokens), runs the
+decoding engine and decodes the continuation only, without special tokens. One prompt gives
+a string, a list gives a list. Strings returned are ``GeneratedText``: ordinary ``str`` that
+also say whether the prompt was truncated and why generation stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flagopt.predictor.engine import GenerationResult
+from flagopt.predictor.generation import drain, iter_generate
+from flagopt.predictor.params import GenerationParams, _integer
+from flagopt.tokenizer import OPTTokenizer
+
+logger = logging.getLogger(__name__)
+
+# Keyword arguments every predict method accepts beyond its own, and their GenerationParams
+# names.
+_EXTRA = {"seed": "seed", "stop": "stop", "eos_token_id": "eos_token_ids",
+          "num_return_sequences": "num_return_sequences",
+          "no_repeat_ngram_size": "no_repeat_ngram_size", "min_new_tokens": "min_new_tokens",
+          "min_p": "min_p", "length_penalty": "length_penalty",
+          "early_stopping": "early_stopping", "repetition_penalty": "repetition_penalty"}
+
+
+class GeneratedText(str):
+    """A generated continuation (a ``str``) that also carries how it came about.
+
+    Attributes:
+        truncated: the prompt was longer than ``input_max_length`` and lost its oldest tokens.
+        finish_reason: ``"eos"``, ``"stop"`` (a stop string), ``"length"`` (out_max_length)
+            or ``"positions"`` (the model's 2048-position table is full).
+        num_tokens: tokens generated (a final EOS included).
+    """
+
+    truncated: bool
+    finish_reason: str
+    num_tokens: int
+
+    def __new__(cls, text: str, truncated: bool, finish_reason: str, num_tokens: int
+                ) -> "GeneratedText":
+        obj = super().__new__(cls, text)
+        obj.truncated, obj.finish_reason, obj.num_tokens = truncated, finish_reason, num_tokens
+        return obj
+
+
+@dataclass
+class GenerateOutput:
+    """What ``Predictor.generate`` returns: texts plus the engine's ids and scores."""
+
+    texts: list[GeneratedText]  # batch * num_return_sequences, prompt-major
+    result: GenerationResult
+    truncated: list[bool]
+
+
+class Predictor:
+    """Generation with an OPT causal LM and its tokenizer (FlagAI-compatible methods)."""
+
+    def __init__(self, model: nn.Module, tokenizer: OPTTokenizer) -> None:
+        if not hasattr(model, "lm_head"):
+            raise TypeError(f"Predictor needs a causal LM (OPTForCausalLM), got "
+                            f"{type(model).__name__}; load it with task_name='lm'")
+        self.model = model
+        self.tokenizer = tokenizer
+
+    # --- FlagAI's methods ------------------------------------------------------------------
+
+    def predict_generate_randomsample(self, text: str | Sequence[str],
+                                      input_max_length: int = 256, out_max_length: int = 200,
+                                      top_k: int = 30, top_p: float = 1.0,
+                                      repetition_penalty: float = 1.0,
+                                      temperature: float = 1.0, **kwargs
+                                      ) -> str | list:
+        """Sample a continuation (temperature, top-k, top-p, min-p, penalties).
+
+        ``top_k=0`` turns top-k off; ``temperature=0`` means greedy. Extra keyword arguments:
+        seed, stop, eos_token_id, num_return_sequences, no_repeat_ngram_size,
+        min_new_tokens, min_p.
+        """
+        return self._texts(text, input_max_length, kwargs, strategy="sample",
+                           max_new_tokens=out_max_length, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty, temperature=temperature)
+
+    def predict_generate_beamsearch(self, text: str | Sequence[str],
+                                    input_max_length: int = 256, out_max_length: int = 100,
+                                    beam_size: int = 1, **kwargs) -> str | list:
+        """Beam search (sum of log-probabilities; ``length_penalty``, ``early_stopping``,
+        ``num_return_sequences`` up to ``beam_size``)."""
+        return self._texts(text, input_max_length, kwargs, strategy="beam",
+                           max_new_tokens=out_max_length, num_beams=beam_size)
+
+    def predict_generate_greedy(self, text: str | Sequence[str], input_max_length: int = 256,
+                                out_max_length: int = 200, **kwargs) -> str | list:
+        """The most likely token at every step (with optional penalties)."""
+        return self._texts(text, input_max_length, kwargs, strategy="greedy",
+                           max_new_tokens=out_max_length)
+
+    def predict_generate_contrastive_search(self, text: str | Sequence[str],
+                                            input_max_length: int = 256,
+                                            out_max_length: int = 200, top_k: int = 4,
+                                            penalty_alpha: float = 0.6, **kwargs
+                                            ) -> str | list:
+        """Contrastive search: the likeliest of ``top_k`` candidates, penalised by its
+        similarity to the context (``penalty_alpha``)."""
+        return self._texts(text, input_max_length, kwargs, strategy="contrastive",
+                           max_new_tokens=out_max_length, top_k=top_k,
+                           penalty_alpha=penalty_alpha)
+
+    # --- general forms -----------------------------------------------------------------------
+
+    def generate(self, text: str | Sequence[str], input_max_length: int = 256,
+                 **params) -> GenerateOutput:
+        """Generate for one prompt or a batch and return texts, token ids and scores.
+
+        ``params`` are ``GenerationParams`` fields (``strategy``, ``max_new_tokens``,
+        ``top_k`` ...) plus the predict methods' extra names (``eos_token_id``).
+        """
+        params = _rename_extras(params)
+        gen = GenerationParams(**params)
+        texts = _as_texts(text)
+        enc = self._encode(texts, input_max_length)
+        steps = iter_generate(self.model, enc.input_ids, enc.attention_mask, gen,
+                              decode=self.tokenizer.decode)
+        result = drain(steps)
+        return GenerateOutput(self._decode(result, enc.truncated, gen), result, enc.truncated)
+
+    def stream(self, text: str, input_max_length: int = 256, **params) -> Iterator[str]:
+        """Yield the continuation of one prompt as it is produced.
+
+        Never yields half of a multi-byte character; the pieces join to exactly the text the
+        non-streaming call returns (stop strings are held back until they can be ruled out).
+        Beam search cannot stream: it yields its final text at once.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"stream takes one prompt (str), got {type(text).__name__}")
+        params = _rename_extras(params)
+        gen = GenerationParams(**params)
+        if gen.num_return_sequences != 1:
+            raise ValueError("stream returns one sequence; use num_return_sequences=1")
+        if gen.strategy == "beam":
+            yield str(self.generate(text, input_max_length, **params).texts[0])
+            return
+        enc = self._encode([text], input_max_length)
+        steps = iter_generate(self.model, enc.input_ids, enc.attention_mask, gen,
+                              decode=self.tokenizer.decode)
+        yield from _StopAwareStream(self.tokenizer, gen.stop).run(steps)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _texts(self, text: str | Sequence[str], input_max_length: int, kwargs: dict,
+               **params) -> str | list:
+        unknown = sorted(set(kwargs) - set(_EXTRA))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; accepted "
+                            f"extras: {', '.join(sorted(_EXTRA))}")
+        params.update({_EXTRA[k]: v for k, v in kwargs.items()})
+        out = self.generate(text, input_max_length, **params)
+        n = len(out.texts) // len(out.truncated)  # num_return_sequences
+        rows = [out.texts[i:i + n] for i in range(0, len(out.texts), n)]
+        per_prompt = [r[0] if n == 1 else r for r in rows]
+        return per_prompt[0] if isinstance(text, str) else per_prompt
+
+    def _encode(self, texts: list[str], input_max_length: int):
+        input_max_length = _integer("input_max_length", input_max_length)
+        if input_max_length < 1:
+            raise ValueError(f"input_max_length={input_max_length} is out of range; expected "
+                             f"an integer >= 1")
+        enc = self.tokenizer(texts, padding_side="left", max_length=input_max_length)
+        if any(enc.truncated):
+            logger.warning("prompt longer than input_max_length=%d tokens: kept its last "
+                           "tokens", input_max_length)
+        return enc.to(_device(self.model))
+
+    def _decode(self, result: GenerationResult, truncated: list[bool],
+                gen: GenerationParams) -> list[GeneratedText]:
+        n = len(result.num_generated) // len(truncated)
+        texts = self.tokenizer.batch_decode(result.new_tokens)
+        out = []
+        for i, text in enumerate(texts):
+            reason = result.finish_reasons[i]
+            if gen.stop:
+                cut = _cut_at_stop(text, gen.stop)
+                reason = "stop" if len(cut) < len(text) or reason == "stop" else reason
+                text = cut
+            out.append(GeneratedText(text, truncated[i // n], reason,
+                                     result.num_generated[i]))
+        return out
+
+
+class _StopAwareStream:
+    """Streams text pieces, holding back a tail that could still become a stop string."""
+
+    def __init__(self, tokenizer: OPTTokenizer, stops: tuple[str, ...]) -> None:
+        self.decoder = tokenizer.incremental_decoder()
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+
+    def run(self, steps: Iterator[torch.Tensor]) -> Iterator[str]:
+        while True:
+            try:
+                tokens = next(steps)
+            except StopIteration:
+                break
+            self.pending += self.decoder.push(int(tokens[0]))
+            piece, stopped = self._release(final=False)
+            if piece:
+                yield piece
+            if stopped:
+                steps.close()
+                return
+        self.pending += self.decoder.flush()
+        piece, _ = self._release(final=True)
+        if piece:
+            yield piece
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        if self.stops:
+            cut = _cut_at_stop(self.pending, self.stops)
+            if len(cut) < len(self.pending):
+                self.pending = ""
+                return cut, True
+        keep = 0 if final or not self.stops else self.hold
+        piece = self.pending[:len(self.pending) - keep] if keep else self.pending
+        self.pending = self.pending[len(piece):]
+        return piece, False
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(hits)] if hits else text
+
+
+def _as_texts(text: str | Sequence[str]) -> list[str]:
+    if isinstance(text, str):
+        return [text]
+    if isinstance(text, Sequence) and text and all(isinstance(t, str) for t in text):
+        return list(text)
+    raise TypeError("text must be a string or a non-empty list of strings, got "
+                    f"{type(text).__name__} {text!r:.80}")
+
+
+def _rename_extras(params: dict) -> dict:
+    params = dict(params)
+    if "eos_token_id" in params:
+        params["eos_token_ids"] = params.pop("eos_token_id")
+    return params
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
