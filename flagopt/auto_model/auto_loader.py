@@ -1,0 +1,510 @@
+"""``AutoLoader``: a model name in, a ready OPT model and its tokenizer out (FlagAI's call).
+
+    loader = AutoLoader("lm", model_name="opt-125m-en", model_dir="./checkpoints")
+    model, tokenizer = loader.get_model(), loader.get_tokenizer()
+
+Four steps, one helper each: resolve the name (``registry.resolve_model``), download what is
+missing (``download_model``), read the config, build and load the model (``_build_model``).
+Files live in ``model_dir/<name>/`` when ``model_dir`` is given (FlagAI's layout), else in
+``$FLAGOPT_HOME/<name>/`` (default ``~/.cache/flagopt``); a hub repo id's directory is
+``owner--name[@revision]``. When every file is present no network request is made.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flagopt import hub
+from flagopt.auto_model.registry import (ModelSpec, RegistrySource, probe_weight_files,
+                                         resolve_model)
+from flagopt.errors import (CheckpointError, CorruptCheckpointError, EntryNotFoundError,
+                            OfflineError, UnknownTaskError)
+from flagopt.model.checkpoint import find_weight_files
+from flagopt.model.config import OPTConfig
+from flagopt.model.decoder import ATTENTION_IMPLEMENTATIONS
+from flagopt.model.heads import TASK_CLASSES
+from flagopt.model.loading import load_pretrained
+from flagopt.paths import safe_join
+from flagopt.tokenizer import OPTTokenizer
+
+__all__ = ["AutoLoader", "DTYPES", "TASKS", "FetchOptions", "LoadOptions", "download_model",
+           "flagopt_home", "fresh_model", "model_local_dir", "resolve_device", "resolve_dtype",
+           "resolve_task"]
+
+logger = logging.getLogger(__name__)
+
+HOME_ENV = "FLAGOPT_HOME"
+OFFLINE_ENV = "FLAGOPT_OFFLINE"
+DEFAULT_HOME = "~/.cache/flagopt"
+
+TASKS: dict[str, type[nn.Module]] = dict(TASK_CLASSES)  # "lm", "classification", "qa"
+TASK_ALIASES = {"seq_cls": "classification", "cls": "classification"}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+QUANTIZE_MODES = (None,)  # the lead adds "int8" in _build_model
+# FlagAI callers pass these; they do not change loading, so they are accepted and ignored.
+IGNORED_KWARGS = ("use_cache", "checkpoint_activations")
+OPTION_KWARGS = ("dtype", "torch_dtype", "fp16", "num_labels", "class_num",
+                 "attn_implementation", "quantize", "registry", "endpoint", "offline",
+                 "progress", "token")
+
+# Hub-repo form: fetched when the repo has them (a 404 is fine); config.json comes last, so its
+# presence means the small files are done.
+_OPTIONAL_FILES = ("generation_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How files are fetched: passed through to ``hub.download_repo_files``."""
+
+    endpoint: str | None = None
+    token: str | None = None
+    offline: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """``AutoLoader``'s arguments, validated once."""
+
+    task: str
+    device: torch.device
+    dtype: torch.dtype
+    fetch: FetchOptions
+    num_labels: int | None = None
+    attn_implementation: str = "sdpa"
+    quantize: str | None = None
+    registry: RegistrySource | None = None
+
+    @property
+    def model_class(self) -> type[nn.Module]:
+        return TASKS[self.task]
+
+
+class AutoLoader:
+    """Resolve, download, build and load an OPT model for a task (FlagAI-compatible).
+
+    Args:
+        task_name: ``"lm"``, ``"classification"`` (aliases ``"seq_cls"``, ``"cls"``) or ``"qa"``.
+        model_name: a registry name (``"opt-125m-en"``, case-insensitive), a hub repo id
+            ``"owner/name[@revision]"``, or a local checkpoint directory (used in place).
+        model_dir: files go to ``model_dir/<model_name>/``; default ``$FLAGOPT_HOME/<name>/``.
+        only_download_config: fetch config and tokenizer files only; the model gets fresh
+            random weights (normal(0, init_std), zero biases, LayerNorm ones/zeros).
+        device: default CUDA when available, else CPU.
+        **kwargs: ``dtype`` (alias ``torch_dtype``; a ``torch.dtype`` or one of ``DTYPES``;
+            default float16 on CUDA, float32 elsewhere) or FlagAI's ``fp16=True``;
+            ``num_labels`` (FlagAI: ``class_num``) for classification; ``attn_implementation``
+            (``"sdpa"``/``"eager"``); ``quantize`` (only ``None`` so far); ``registry`` (extra
+            registry path or dict); hub options ``endpoint``, ``offline``, ``progress``,
+            ``token``. ``use_cache`` and ``checkpoint_activations`` are accepted and ignored.
+
+    Attributes:
+        model, config, options, target (what ``model_name`` resolved to), spec (None for a
+        local directory), local_dir (alias model_dir: the directory holding this model's
+        files), model_name, task_name, device, dtype.
+
+    Raises:
+        TypeError: an unknown keyword argument. ValueError (UnknownModelError,
+        UnknownTaskError...): a bad name or option. OSError (DownloadError, OfflineError,
+        CheckpointError...): files could not be fetched or read.
+    """
+
+    def __init__(self, task_name: str = "lm", model_name: str | os.PathLike = "opt-125m-en",
+                 model_dir: str | os.PathLike | None = None, only_download_config: bool = False,
+                 device: str | torch.device | None = None, **kwargs: Any) -> None:
+        self.options = _parse_options(task_name, device, kwargs)
+        self.target = resolve_model(model_name, registry=self.options.registry)
+        self.local_dir = _fetch(self.target, model_dir, only_download_config, self.options.fetch)
+        self.config = self._read_config()
+        self.model = self._build_model(only_download_config)
+
+    # --- the steps ----------------------------------------------------------------------------
+
+    def _read_config(self) -> OPTConfig:
+        """config.json, with ``num_labels`` applied; checked against the registry entry."""
+        config = OPTConfig.from_json(self.local_dir / "config.json")
+        if self.spec is not None:
+            _check_architecture(self.spec, config)
+        if self.options.num_labels is not None:
+            config = config.replace(num_labels=self.options.num_labels)
+        return config
+
+    def _build_model(self, only_download_config: bool) -> nn.Module:
+        """Build the task model on the target device and dtype, loading the weights unless
+        ``only_download_config``. Load-time transforms hook in here: ``quantize="int8"`` will
+        pass an ``assign_hook`` to ``load_pretrained``."""
+        opts = self.options
+        if only_download_config:
+            return fresh_model(opts.model_class, self.config, dtype=opts.dtype,
+                               device=opts.device, attn_implementation=opts.attn_implementation)
+        return load_pretrained(self.local_dir, opts.model_class, dtype=opts.dtype,
+                               device=opts.device, config=self.config,
+                               attn_implementation=opts.attn_implementation, fresh_heads=True)
+
+    # --- FlagAI's API -------------------------------------------------------------------------
+
+    def get_model(self) -> nn.Module:
+        """The model, in eval mode on ``device`` in ``dtype``."""
+        return self.model
+
+    def get_tokenizer(self) -> OPTTokenizer:
+        """The checkpoint's tokenizer (OPT's packaged one if the directory has no vocab)."""
+        return self.tokenizer
+
+    @functools.cached_property
+    def tokenizer(self) -> OPTTokenizer:
+        """Built on first use from ``local_dir``."""
+        if (self.local_dir / "vocab.json").is_file():
+            return OPTTokenizer.from_dir(self.local_dir)
+        logger.info("%s has no vocab.json; using OPT's standard tokenizer", self.local_dir)
+        return OPTTokenizer.default()
+
+    @property
+    def spec(self) -> ModelSpec | None:
+        """The registry or hub-repo entry; None for a local directory."""
+        return self.target if isinstance(self.target, ModelSpec) else None
+
+    @property
+    def model_name(self) -> str:
+        """The registry name (canonical case), hub repo id, or directory."""
+        return self.spec.name if self.spec is not None else str(self.target)
+
+    @property
+    def model_dir(self) -> Path:
+        """The directory holding this model's files (same as ``local_dir``)."""
+        return self.local_dir
+
+    @property
+    def task_name(self) -> str:
+        return self.options.task
+
+    @property
+    def device(self) -> torch.device:
+        return self.options.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.options.dtype
+
+    def __repr__(self) -> str:
+        return (f"AutoLoader(task_name={self.task_name!r}, model_name={self.model_name!r}, "
+                f"local_dir='{self.local_dir}', device='{self.device}', dtype={self.dtype})")
+
+
+# --- options --------------------------------------------------------------------------------------
+
+
+def _parse_options(task_name: str, device: str | torch.device | None,
+                   kwargs: dict[str, Any]) -> LoadOptions:
+    unknown = [k for k in kwargs if k not in OPTION_KWARGS and k not in IGNORED_KWARGS]
+    if unknown:
+        raise TypeError(_unknown_kwargs_message(unknown))
+    for name in IGNORED_KWARGS:
+        if name in kwargs:
+            logger.debug("AutoLoader ignores %s=%r (it does not affect loading)", name,
+                         kwargs[name])
+    task = resolve_task(task_name)
+    target = resolve_device(device)
+    quantize = kwargs.get("quantize")
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r} is not supported; supported: "
+                         f"{', '.join(map(repr, QUANTIZE_MODES))}")
+    attn = kwargs.get("attn_implementation", "sdpa")
+    if attn not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={attn!r}; expected one of "
+                         f"{ATTENTION_IMPLEMENTATIONS}")
+    endpoint = kwargs.get("endpoint")
+    if endpoint is not None:
+        endpoint = hub.get_endpoint(endpoint)
+    fetch = FetchOptions(endpoint=endpoint, token=kwargs.get("token"),
+                         offline=bool(kwargs.get("offline", False)) or _env_flag(OFFLINE_ENV),
+                         progress=bool(kwargs.get("progress", True)))
+    return LoadOptions(task=task, device=target, dtype=resolve_dtype(kwargs, target),
+                       fetch=fetch, num_labels=_num_labels(kwargs, task),
+                       attn_implementation=attn, quantize=quantize,
+                       registry=kwargs.get("registry"))
+
+
+def _unknown_kwargs_message(unknown: list[str]) -> str:
+    accepted = (*OPTION_KWARGS, *IGNORED_KWARGS)
+    parts = []
+    for name in unknown:
+        near = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
+        parts.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    hint = ""
+    if "load_pretrain_params" in unknown:
+        hint = " (weights are always loaded; only_download_config=True gives random weights)"
+    return (f"AutoLoader() got unexpected keyword argument(s) {', '.join(parts)}{hint}. "
+            f"Accepted: {', '.join(accepted)}")
+
+
+def resolve_task(task_name: str) -> str:
+    """The canonical task name.
+
+    Raises:
+        UnknownTaskError: not a task or alias; lists the tasks and the nearest name.
+    """
+    key = task_name.strip().lower() if isinstance(task_name, str) else ""
+    key = TASK_ALIASES.get(key, key)
+    if key in TASKS:
+        return key
+    names = [*TASKS, *TASK_ALIASES]
+    near = difflib.get_close_matches(key, names, n=2, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else "."
+    raise UnknownTaskError(f"unknown task_name {task_name!r}{hint} Tasks: "
+                           f"{', '.join(TASKS)} (aliases: "
+                           f"{', '.join(f'{a}={t}' for a, t in TASK_ALIASES.items())})")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available, else CPU.
+
+    Raises:
+        ValueError: not a device name, or CUDA asked for but not available.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device ({exc}); "
+                         f"use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
+    return target
+
+
+def resolve_dtype(kwargs: dict[str, Any], device: torch.device) -> torch.dtype:
+    """From ``dtype``/``torch_dtype``/``fp16``; default float16 on CUDA, float32 elsewhere.
+
+    Raises:
+        ValueError: an unknown dtype, or options that disagree.
+    """
+    given = {k: _as_dtype(k, kwargs[k]) for k in ("dtype", "torch_dtype")
+             if kwargs.get(k) is not None}
+    if kwargs.get("fp16"):
+        given["fp16"] = torch.float16
+    if len(set(given.values())) > 1:
+        raise ValueError(f"conflicting dtype options: "
+                         f"{', '.join(f'{k}={kwargs[k]!r}' for k in given)}; pass one")
+    default = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = next(iter(given.values()), default)
+    if dtype == torch.float16 and device.type == "cpu":
+        logger.warning("float16 on CPU is slow and some operations lack CPU kernels; "
+                       "bfloat16 or float32 is usually the better choice there")
+    return dtype
+
+
+def _as_dtype(option: str, value: Any) -> torch.dtype:
+    allowed = sorted(set(DTYPES.values()), key=str)
+    if isinstance(value, torch.dtype) and value in allowed:
+        return value
+    if isinstance(value, str) and value.strip().lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[value.strip().lower().removeprefix("torch.")]
+    raise ValueError(f"{option}={value!r} is not supported; use one of "
+                     f"{', '.join(map(repr, DTYPES))} or {', '.join(map(str, allowed))}")
+
+
+def _num_labels(kwargs: dict[str, Any], task: str) -> int | None:
+    given = {k: kwargs[k] for k in ("num_labels", "class_num") if kwargs.get(k) is not None}
+    if not given:
+        return None
+    if task != "classification":
+        raise ValueError(f"{', '.join(given)} applies to task_name='classification', "
+                         f"not {task!r}")
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if len(set(given.values())) > 1:
+        raise ValueError(f"num_labels={given['num_labels']} and class_num={given['class_num']}"
+                         f" disagree; pass one")
+    return next(iter(given.values()))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def flagopt_home() -> Path:
+    """Where models go without ``model_dir``: ``$FLAGOPT_HOME``, else ``~/.cache/flagopt``."""
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
+
+
+def model_local_dir(spec: ModelSpec, model_dir: str | os.PathLike | None = None) -> Path:
+    """``model_dir/<dirname>``, or ``$FLAGOPT_HOME/<dirname>`` (see ``ModelSpec.dirname``)."""
+    base = Path(model_dir).expanduser() if model_dir is not None else flagopt_home()
+    return safe_join(base, spec.dirname)
+
+
+def download_model(model_name: str | os.PathLike, model_dir: str | os.PathLike | None = None,
+                   *, only_config: bool = False, registry: RegistrySource | None = None,
+                   endpoint: str | None = None, token: str | None = None,
+                   offline: bool = False, progress: bool = True) -> Path:
+    """Make a model's files present locally, downloading only what is missing.
+
+    Args:
+        model_name: a registry name, hub repo id ``owner/name[@revision]`` or local directory.
+        model_dir: parent directory (FlagAI layout); default ``flagopt_home()``.
+        only_config: config and tokenizer files only, no weights.
+        registry, endpoint, token, offline, progress: as for ``AutoLoader``.
+
+    Returns:
+        The directory holding the files (a local directory is returned as it is).
+
+    Raises:
+        UnknownModelError, RegistryError: a bad name or registry.
+        OfflineError: files are missing and the network is off. DownloadError and
+            subclasses, CheckpointError: fetching failed.
+    """
+    if endpoint is not None:
+        endpoint = hub.get_endpoint(endpoint)
+    options = FetchOptions(endpoint=endpoint, token=token,
+                           offline=offline or _env_flag(OFFLINE_ENV), progress=progress)
+    return _fetch(resolve_model(model_name, registry=registry), model_dir, only_config, options)
+
+
+def _fetch(target: ModelSpec | Path, model_dir: str | os.PathLike | None, only_config: bool,
+           options: FetchOptions) -> Path:
+    if isinstance(target, Path):
+        if model_dir is not None:
+            logger.debug("model_dir is not used for the local directory %s", target)
+        return target
+    local_dir = model_local_dir(target, model_dir)
+    if target.needs_probe:
+        _fetch_hub_repo(target, local_dir, only_config, options)
+    else:
+        files = target.config_files if only_config else target.files
+        hub.download_repo_files(target.repo, files, local_dir, endpoint=options.endpoint,
+                                revision=target.revision, expected=target.expected(),
+                                token=options.token, progress=options.progress,
+                                offline=options.offline)
+    return local_dir
+
+
+def _fetch_hub_repo(spec: ModelSpec, local_dir: Path, only_config: bool,
+                    options: FetchOptions) -> None:
+    """A hub repo id: small files if the repo has them, config.json, then the weights found by
+    probing (an index is fetched first, then its shards). Nothing is asked when complete."""
+    missing = _missing_from(local_dir, only_config)
+    if missing is None:
+        return
+    if options.offline:
+        raise OfflineError(f"offline mode (offline=True or {OFFLINE_ENV}=1): {spec.name} is not "
+                           f"complete in {local_dir}: {missing}")
+
+    def get(names: list[str], expected: dict[str, dict[str, Any]] | None = None) -> list[Path]:
+        return hub.download_repo_files(spec.repo, names, local_dir, endpoint=options.endpoint,
+                                       revision=spec.revision, expected=expected,
+                                       token=options.token, progress=options.progress)
+
+    for name in _OPTIONAL_FILES:
+        try:
+            get([name])
+        except EntryNotFoundError:
+            logger.info("%s@%s has no %s", spec.repo, spec.revision, name)
+    try:
+        get(["config.json"])
+    except EntryNotFoundError as exc:
+        raise EntryNotFoundError(
+            f"{spec.repo}@{spec.revision} has no config.json: not an OPT repo in the hub's "
+            f"layout, or a wrong revision ({exc})", url=exc.url, status=exc.status) from exc
+    if only_config:
+        return
+    name, meta = probe_weight_files(spec.repo, spec.revision, endpoint=options.endpoint,
+                                    token=options.token)
+    expected = {k: v for k, v in (("size", meta.size), ("sha256", meta.sha256)) if v is not None}
+    (path,) = get([name], {name: expected})
+    if name.endswith(".index.json"):
+        get(_index_shards(path))
+
+
+def _missing_from(local_dir: Path, only_config: bool) -> str | None:
+    """What keeps ``local_dir`` from being a complete checkpoint, or None."""
+    if not (local_dir / "config.json").is_file():
+        return "config.json is missing"
+    if only_config:
+        return None
+    try:
+        find_weight_files(local_dir)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def _index_shards(index_path: Path) -> list[str]:
+    """Shard file names of a ``*.index.json``, in order of first appearance."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{index_path} has no usable 'weight_map' ({exc}); "
+                                     f"delete it and download again") from exc
+    if not shards or not all(isinstance(s, str) for s in shards):
+        raise CorruptCheckpointError(f"{index_path} names no shard files; delete it and "
+                                     f"download again")
+    return shards
+
+
+def _check_architecture(spec: ModelSpec, config: OPTConfig) -> None:
+    """A registry entry whose architecture disagrees with config.json is worth a warning (the
+    registry is stale); the config decides."""
+    wrong = {k: (v, getattr(config, k)) for k, v in spec.architecture.items()
+             if getattr(config, k) != v}
+    if wrong:
+        logger.warning("registry entry %r disagrees with %s/config.json on %s; using the config",
+                       spec.name, spec.repo, ", ".join(f"{k} ({a!r} vs {b!r})"
+                                                        for k, (a, b) in wrong.items()))
+
+
+# --- fresh weights --------------------------------------------------------------------------------
+
+
+def fresh_model(model_class: type[nn.Module], config: OPTConfig, *, dtype: torch.dtype,
+                device: torch.device | str, attn_implementation: str = "sdpa") -> nn.Module:
+    """A model with the reference's fresh initialisation, built straight on ``device``.
+
+    Linear and embedding weights ~ normal(0, init_std) (drawn in float32 from the global
+    generator, so the values do not depend on ``dtype``), biases and the padding row zero,
+    LayerNorm ones/zeros. Returns the model in eval mode.
+    """
+    with torch.device("meta"):
+        model = model_class(config, attn_implementation=attn_implementation)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # to_empty gave the tied head its own tensor
+    std = config.init_std
+    seen: set[int] = set()  # the tied head shares the embedding: initialise it once
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if weight is None or id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            if isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.copy_(torch.empty(module.weight.shape, device=device)
+                                    .normal_(0.0, std))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+                if getattr(module, "padding_idx", None) is not None:
+                    module.weight[module.padding_idx].zero_()
+    return model.eval()
