@@ -2,7 +2,8 @@
 
 The model is built on the ``meta`` device (no random weights allocated), then each tensor is
 read (memory-mapped), converted straight to the target dtype and device, and assigned by
-name. Peak memory stays close to one copy of the weights in the target dtype.
+name. Peak memory stays close to one copy of the weights in the target dtype: the source pages
+of a converted tensor are dropped as soon as it is converted (see ``checkpoint``).
 """
 
 from __future__ import annotations
@@ -62,21 +63,23 @@ def load_pretrained(directory: str | os.PathLike,
     expected = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model, "tied", False)
     prefix = "" if any(k.startswith("model.") for k in expected) else "model."
+    skip_head = tied or "lm_head.weight" not in expected  # tied to embed_tokens, or no LM head
+
+    def keep(stored_name: str) -> bool:  # a skipped tensor is never read, let alone converted
+        return not (skip_head and checkpoint.hf_name(stored_name) == "lm_head.weight")
+
     loaded: set[str] = set()
     unexpected: list[str] = []
     for path in checkpoint.find_weight_files(directory):
-        for stored_name, stored in checkpoint.iter_tensors(path):
+        for stored_name, stored in checkpoint.iter_tensors(path, dtype=dtype, device=device,
+                                                           keep=keep):
             for name, tensor in checkpoint.hf_names(stored_name, stored):
                 name = name[len(prefix):] if prefix and name.startswith(prefix) else name
-                if name == "lm_head.weight" and (tied or "lm_head.weight" not in expected):
-                    continue  # tied to embed_tokens (or no LM head in this model)
                 if name not in expected:
                     unexpected.append(name)
                     continue
                 _check_shape(name, tensor, expected[name], path)
-                target = tensor.to(device=device, dtype=dtype if tensor.is_floating_point()
-                                   else tensor.dtype)
-                _assign(model, name, target, assign_hook)
+                _assign(model, name, tensor, assign_hook)
                 loaded.add(name)
     _finish(model, expected, loaded, unexpected, tied, fresh_heads, dtype, device, directory,
             assign_hook)
