@@ -638,7 +638,8 @@ def test_no_random_init_and_nothing_left_on_meta(tmp_path: Path, monkeypatch, cl
             return _original(self)
         monkeypatch.setattr(module, "reset_parameters", spy)
     model = load_pretrained(tmp_path, cls)
-    assert devices and set(devices) == {"meta"}, devices  # initialisers ran only on meta
+    # Built on meta with initialisation skipped: no initialiser ever touched a real device.
+    assert [d for d in devices if d != "meta"] == [], devices
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         assert tensor.device.type == "cpu", name
 

@@ -52,7 +52,7 @@ TASK_ALIASES = {"seq_cls": "classification", "cls": "classification"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-QUANTIZE_MODES = (None,)  # the lead adds "int8" in _build_model
+QUANTIZE_MODES = (None, "int8")
 # FlagAI callers pass these; they do not change loading, so they are accepted and ignored.
 IGNORED_KWARGS = ("use_cache", "checkpoint_activations")
 OPTION_KWARGS = ("dtype", "torch_dtype", "fp16", "num_labels", "class_num",
@@ -144,15 +144,15 @@ class AutoLoader:
 
     def _build_model(self, only_download_config: bool) -> nn.Module:
         """Build the task model on the target device and dtype, loading the weights unless
-        ``only_download_config``. Load-time transforms hook in here: ``quantize="int8"`` will
-        pass an ``assign_hook`` to ``load_pretrained``."""
+        ``only_download_config``; ``quantize="int8"`` quantizes while loading."""
         opts = self.options
         if only_download_config:
             return fresh_model(opts.model_class, self.config, dtype=opts.dtype,
                                device=opts.device, attn_implementation=opts.attn_implementation)
         return load_pretrained(self.local_dir, opts.model_class, dtype=opts.dtype,
                                device=opts.device, config=self.config,
-                               attn_implementation=opts.attn_implementation, fresh_heads=True)
+                               attn_implementation=opts.attn_implementation, fresh_heads=True,
+                               quantize=opts.quantize)
 
     # --- FlagAI's API -------------------------------------------------------------------------
 

@@ -8,9 +8,11 @@ of a converted tensor are dropped as soon as it is converted (see ``checkpoint``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,10 +22,11 @@ from flagopt.errors import MissingWeightsError, ShapeMismatchError
 from flagopt.model import checkpoint
 from flagopt.model.config import OPTConfig
 from flagopt.model.heads import OPTForCausalLM
+from flagopt.model.quantize import QUANTIZE_MODES, int8_modules, is_quantized_param, tie_int8
 
 logger = logging.getLogger(__name__)
 
-# A hook that may replace a module once its weight is loaded (int8 quantization uses it).
+# How a loaded tensor is placed in its module: (module, param_name, tensor) -> None.
 TensorHook = Callable[[nn.Module, str, torch.Tensor], None]
 
 _HEAD_KEYS = ("lm_head.", "score.", "qa_outputs.")
@@ -37,7 +40,7 @@ def load_pretrained(directory: str | os.PathLike,
                     config: OPTConfig | None = None,
                     attn_implementation: str = "sdpa",
                     fresh_heads: bool = True,
-                    assign_hook: TensorHook | None = None) -> nn.Module:
+                    quantize: str | None = None) -> nn.Module:
     """Load a model of ``model_class`` from a checkpoint directory in any OPT layout.
 
     Args:
@@ -48,8 +51,9 @@ def load_pretrained(directory: str | os.PathLike,
         config: overrides the directory's ``config.json`` (e.g. ``num_labels``).
         fresh_heads: task-head tensors the checkpoint lacks (``score``, ``qa_outputs``) are
             initialised fresh (and logged once) instead of being an error.
-        assign_hook: called as ``hook(module, param_name, tensor)`` instead of the plain
-            assignment, for load-time transforms such as quantization.
+        quantize: ``"int8"`` stores every linear layer and the tied embedding/LM head as
+            int8 with per-output-channel scales, quantizing each tensor as it is read (the
+            full-precision model never exists); ``dtype`` is then the activation dtype.
     Returns:
         The model in eval mode.
     Raises:
@@ -58,8 +62,16 @@ def load_pretrained(directory: str | os.PathLike,
     """
     directory = Path(directory)
     config = config or OPTConfig.from_json(directory / "config.json")
-    with torch.device("meta"):
+    if quantize not in (None, *QUANTIZE_MODES):
+        raise ValueError(f"quantize={quantize!r}; expected None or one of {QUANTIZE_MODES}")
+    with torch.device("meta"), _no_init():
         model = model_class(config, attn_implementation=attn_implementation)
+    assign_hook = None
+    read_dtype = dtype
+    if quantize == "int8":
+        int8_modules(model, dtype)
+        assign_hook = _int8_assign(dtype, device)
+        read_dtype = torch.float32  # exact for fp16/bf16 sources; quantized from there
     expected = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model, "tied", False)
     prefix = "" if any(k.startswith("model.") for k in expected) else "model."
@@ -71,8 +83,8 @@ def load_pretrained(directory: str | os.PathLike,
     loaded: set[str] = set()
     unexpected: list[str] = []
     for path in checkpoint.find_weight_files(directory):
-        for stored_name, stored in checkpoint.iter_tensors(path, dtype=dtype, device=device,
-                                                           keep=keep):
+        for stored_name, stored in checkpoint.iter_tensors(path, dtype=read_dtype,
+                                                           device=device, keep=keep):
             for name, tensor in checkpoint.hf_names(stored_name, stored):
                 name = name[len(prefix):] if prefix and name.startswith(prefix) else name
                 if name not in expected:
@@ -84,6 +96,47 @@ def load_pretrained(directory: str | os.PathLike,
     _finish(model, expected, loaded, unexpected, tied, fresh_heads, dtype, device, directory,
             assign_hook)
     return model.eval()
+
+
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip random initialisation of modules built on the meta device.
+
+    Initialising a meta tensor computes nothing, but the first call costs about a second of
+    one-time torch setup per process. Modules on real devices (another thread's, say) are
+    initialised as usual while this is active.
+    """
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    with _INIT_LOCK:
+        saved = [c.reset_parameters for c in classes]
+
+        def skip_on_meta(original):
+            def reset(self) -> None:
+                weight = getattr(self, "weight", None)
+                if weight is None or weight.device.type != "meta":
+                    original(self)
+            return reset
+
+        try:
+            for c, fn in zip(classes, saved):
+                c.reset_parameters = skip_on_meta(fn)
+            yield
+        finally:
+            for c, fn in zip(classes, saved):
+                c.reset_parameters = fn
+
+
+def _int8_assign(dtype: torch.dtype, device: torch.device | str) -> TensorHook:
+    """Quantize int8 modules' weights; put every other tensor in ``dtype``."""
+    def assign(module: nn.Module, param_name: str, tensor: torch.Tensor) -> None:
+        if is_quantized_param(module, param_name):
+            module.set_weight(tensor, device)
+        else:
+            module._parameters[param_name] = nn.Parameter(tensor.to(dtype), requires_grad=False)
+    return assign
 
 
 def _check_shape(name: str, tensor: torch.Tensor, param: torch.Tensor, path: Path) -> None:
@@ -120,6 +173,7 @@ def _finish(model: nn.Module, expected: dict[str, torch.Tensor], loaded: set[str
             _assign(model, name, _fresh_tensor(name, expected[name], model, dtype, device), hook)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    tie_int8(model)
 
 
 def _fresh_tensor(name: str, meta: torch.Tensor, model: nn.Module, dtype: torch.dtype,

@@ -1,0 +1,127 @@
+"""int8 weight-only quantization, applied while the checkpoint loads.
+
+Every linear layer (q/k/v/out projections, fc1, fc2, project_in/out) and the LM head keep
+their weights as int8 with one scale per output channel (symmetric, ``max|w| / 127``);
+activations stay in the compute dtype. The tied token embedding shares the LM head's int8
+matrix (a row's scale is the head's output-channel scale). Each tensor is quantized as it is
+read, so the full-precision model never sits in memory.
+
+Kernels are torch's own: ``torch._weight_int8pack_mm`` on CPU (fused int8 GEMM/GEMV) and a
+dequantizing ``linear`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZE_MODES = ("int8",)
+_TASK_HEADS = ("score", "qa_outputs")  # tiny, freshly trained heads stay in full precision
+_ROWS_PER_CHUNK = 4096
+FUSED_MAX_ROWS = 16  # measured crossover of torch._weight_int8pack_mm vs dequantize + matmul  # quantize big matrices in slices to bound the temporary fp32 copy
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns (int8 weight, fp32 scale per row)."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], _ROWS_PER_CHUNK):
+        rows = weight[start:start + _ROWS_PER_CHUNK].float()
+        s = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[start:start + _ROWS_PER_CHUNK] = torch.round(rows / s[:, None]).clamp(-127, 127)
+        scale[start:start + _ROWS_PER_CHUNK] = s
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scale)^T + bias`` with int8 ``q`` (out, in) and per-row ``scale``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+                 ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8,
+                                               device=device), requires_grad=False)
+        self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def like(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int8Linear":
+        """An empty (meta) int8 twin of ``linear``, computing in ``dtype``."""
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, dtype,
+                   linear.weight.device)
+
+    def set_weight(self, weight: torch.Tensor, device: torch.device | str) -> None:
+        q, scale = quantize_rows(weight.to(device))
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scale = scale.to(self.scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """Linear layer over an int8 weight; the activation dtype is kept.
+
+    On CPU, few rows in bf16/fp16 (decoding) go through the fused int8 kernel, which reads
+    a quarter of fp32's bytes; many rows (prefill, big batches) and fp32 activations are
+    faster as one dequantize plus a dense matmul.
+    """
+    rows = x.numel() // x.shape[-1]
+    if x.device.type == "cpu" and x.dtype != torch.float32 and rows <= FUSED_MAX_ROWS:
+        y = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).contiguous(), q,
+                                      scale.to(x.dtype))
+        y = y.view(*x.shape[:-1], q.shape[0])
+    else:
+        y = F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None])
+    return y if bias is None else y + bias
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding over an int8 matrix with per-row scales (shared with the LM head)."""
+
+    def __init__(self, num_embeddings: int, dim: int, padding_idx: int | None,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.padding_idx = padding_idx
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=torch.int8,
+                                               device=device), requires_grad=False)
+        self.register_buffer("scale", torch.empty(num_embeddings, dtype=dtype, device=device))
+
+    set_weight = Int8Linear.set_weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight).to(self.scale.dtype)  # (..., dim)
+        return rows * self.scale[ids][..., None]
+
+
+def int8_modules(model: nn.Module, dtype: torch.dtype) -> None:
+    """Swap every ``nn.Linear`` and the token embedding for int8 twins (on meta, pre-load)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name not in _TASK_HEADS:
+                setattr(module, child_name, Int8Linear.like(child, dtype))
+            elif isinstance(child, nn.Embedding) and child_name == "embed_tokens":
+                setattr(module, child_name, Int8Embedding(
+                    child.num_embeddings, child.embedding_dim, child.padding_idx, dtype,
+                    child.weight.device))
+
+
+def tie_int8(model: nn.Module) -> None:
+    """Share the embedding's int8 matrix and scales with the LM head (OPT ties them)."""
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, Int8Linear) and getattr(model, "tied", False):
+        embed = model.model.decoder.embed_tokens
+        head.weight = embed.weight
+        head.scale = embed.scale
+
+
+def is_quantized_param(module: nn.Module, param_name: str) -> bool:
+    return isinstance(module, (Int8Linear, Int8Embedding)) and param_name == "weight"

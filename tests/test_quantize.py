@@ -1,0 +1,90 @@
+"""int8 weight-only quantization: the kernels, load-time quantization and its quality cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flagopt.model.loading import load_pretrained
+from flagopt.model.quantize import (FUSED_MAX_ROWS, Int8Embedding, Int8Linear, int8_linear,
+                                    quantize_rows)
+from flagopt.model.synthetic import write_random_checkpoint
+from flagopt.predictor.generation import generate
+from flagopt.predictor.params import GenerationParams
+from tests.conftest import tiny_config
+
+
+def test_quantize_rows_is_symmetric_per_row_and_bounded() -> None:
+    w = torch.randn(37, 50) * torch.linspace(0.01, 3, 37)[:, None]
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (37,)
+    assert int(q.abs().max()) == 127
+    torch.testing.assert_close(scale, w.abs().amax(1) / 127)
+    err = (q.float() * scale[:, None] - w).abs()
+    assert bool((err <= scale[:, None] / 2 + 1e-7).all())  # rounding, never clipping
+
+
+@pytest.mark.parametrize("rows", [1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_equals_the_dequantized_matmul(rows: int, dtype: torch.dtype) -> None:
+    w, b = torch.randn(96, 64), torch.randn(96)
+    q, scale = quantize_rows(w)
+    x = torch.randn(rows, 64)
+    reference = torch.nn.functional.linear(x, q.float() * scale[:, None], b)
+    y = int8_linear(x.to(dtype), q, scale, b.to(dtype))
+    assert y.dtype == dtype and y.shape == (rows, 96)
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(y.float(), reference, atol=tol, rtol=tol)
+
+
+def _checkpoint(tmp_path, **overrides):
+    config = tiny_config(vocab_size=256, hidden_size=64, ffn_dim=128, **overrides)
+    return write_random_checkpoint(tmp_path, config, layout="safetensors", tokenizer=False,
+                                   std=0.05, seed=3), config
+
+
+@pytest.mark.parametrize("overrides", [{}, {"word_embed_proj_dim": 32,
+                                            "do_layer_norm_before": False}])
+def test_load_with_int8_quantizes_every_linear_and_ties_the_head(tmp_path, overrides) -> None:
+    directory, config = _checkpoint(tmp_path, **overrides)
+    model = load_pretrained(directory, dtype=torch.bfloat16, quantize="int8")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == []  # every projection, fc1/fc2, project_in/out and the head
+    embed = model.model.decoder.embed_tokens
+    assert isinstance(embed, Int8Embedding) and isinstance(model.lm_head, Int8Linear)
+    assert model.lm_head.weight is embed.weight and model.lm_head.scale is embed.scale
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    int8_bytes = sum(p.numel() for p in model.parameters() if p.dtype == torch.int8)
+    assert int8_bytes > 0.9 * sum(p.numel() for p in model.parameters())
+
+
+def test_int8_logits_stay_close_and_greedy_tokens_mostly_agree(tmp_path) -> None:
+    directory, _ = _checkpoint(tmp_path)
+    full = load_pretrained(directory, dtype=torch.float32)
+    int8 = load_pretrained(directory, dtype=torch.float32, quantize="int8")
+    ids = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = full(ids).logits, int8(ids).logits
+    rel = float((a - b).norm() / a.norm())
+    assert 0 < rel < 0.05, rel  # quantized (not identical) but close
+    params = GenerationParams(max_new_tokens=16, eos_token_ids=())
+    same = generate(full, ids, None, params).sequences == generate(int8, ids, None,
+                                                                     params).sequences
+    assert float(same.float().mean()) > 0.8
+
+
+def test_int8_rejects_unknown_modes(tmp_path) -> None:
+    directory, _ = _checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="quantize='int4'"):
+        load_pretrained(directory, quantize="int4")
+
+
+def test_autoloader_int8(tmp_path) -> None:
+    from flagopt.auto_model import AutoLoader
+
+    directory, _ = _checkpoint(tmp_path / "m")
+    loader = AutoLoader("lm", str(directory), quantize="int8", dtype="bfloat16")
+    model = loader.get_model()
+    assert isinstance(model.lm_head, Int8Linear)
+    with pytest.raises(ValueError, match="quantize"):
+        AutoLoader("lm", str(directory), quantize="fp4")
