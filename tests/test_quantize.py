@@ -83,8 +83,10 @@ def test_autoloader_int8(tmp_path) -> None:
     from flagopt.auto_model import AutoLoader
 
     directory, _ = _checkpoint(tmp_path / "m")
-    loader = AutoLoader("lm", str(directory), quantize="int8", dtype="bfloat16")
-    model = loader.get_model()
+    model = AutoLoader("lm", str(directory), quantize="int8").get_model()
     assert isinstance(model.lm_head, Int8Linear)
+    assert model.lm_head.scale.dtype == torch.bfloat16  # the fused CPU kernel's dtype
+    model = AutoLoader("lm", str(directory), quantize="int8", dtype="float32").get_model()
+    assert model.lm_head.scale.dtype == torch.float32
     with pytest.raises(ValueError, match="quantize"):
         AutoLoader("lm", str(directory), quantize="fp4")

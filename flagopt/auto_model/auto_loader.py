@@ -107,7 +107,8 @@ class AutoLoader:
         **kwargs: ``dtype`` (alias ``torch_dtype``; a ``torch.dtype`` or one of ``DTYPES``;
             default float16 on CUDA, float32 elsewhere) or FlagAI's ``fp16=True``;
             ``num_labels`` (FlagAI: ``class_num``) for classification; ``attn_implementation``
-            (``"sdpa"``/``"eager"``); ``quantize`` (only ``None`` so far); ``registry`` (extra
+            (``"sdpa"``/``"eager"``); ``quantize`` (``"int8"``: int8 weights,
+            bf16 activations on CPU unless a dtype is given); ``registry`` (extra
             registry path or dict); hub options ``endpoint``, ``offline``, ``progress``,
             ``token``. ``use_cache`` and ``checkpoint_activations`` are accepted and ignored.
 
@@ -232,7 +233,10 @@ def _parse_options(task_name: str, device: str | torch.device | None,
     fetch = FetchOptions(endpoint=endpoint, token=kwargs.get("token"),
                          offline=bool(kwargs.get("offline", False)) or _env_flag(OFFLINE_ENV),
                          progress=bool(kwargs.get("progress", True)))
-    return LoadOptions(task=task, device=target, dtype=resolve_dtype(kwargs, target),
+    dtype = resolve_dtype(kwargs, target)
+    if quantize == "int8" and target.type == "cpu" and not _dtype_given(kwargs):
+        dtype = torch.bfloat16  # the fused CPU int8 kernel takes bf16 activations
+    return LoadOptions(task=task, device=target, dtype=dtype,
                        fetch=fetch, num_labels=_num_labels(kwargs, task),
                        attn_implementation=attn, quantize=quantize,
                        registry=kwargs.get("registry"))
@@ -285,6 +289,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu'")
     return target
+
+
+def _dtype_given(kwargs: dict[str, Any]) -> bool:
+    return any(kwargs.get(k) is not None for k in ("dtype", "torch_dtype")) or \
+        bool(kwargs.get("fp16"))
 
 
 def resolve_dtype(kwargs: dict[str, Any], device: torch.device) -> torch.dtype:
