@@ -1,0 +1,101 @@
+"""`flagopt generate` end to end: a served model, downloaded and streamed to stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flagopt.model.loading import load_pretrained
+from flagopt.model.synthetic import write_random_checkpoint
+from flagopt.predictor import Predictor
+from flagopt.tokenizer import OPTTokenizer
+from tests.conftest import tiny_config
+from tests.hub_server import HubServer
+
+REPO = "test-org/opt-tiny"
+# Vocabulary of the real tokenizer so real prompts encode; everything else tiny.
+CONFIG = tiny_config(vocab_size=50272, hidden_size=32, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("hub")
+    source = write_random_checkpoint(root / REPO, CONFIG, layout="bin", std=0.5, seed=7)
+    with HubServer(root) as server:
+        yield server, source
+
+
+def _run(args: list[str], server: HubServer, tmp_path: Path, stdin: str | None = None,
+         **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "FLAGOPT_ENDPOINT": server.endpoint,
+               "FLAGOPT_HOME": str(tmp_path / "home"), **env}
+    environ.pop("FLAGOPT_OFFLINE", None)
+    return subprocess.run([sys.executable, "-m", "flagopt.cli", *args], input=stdin,
+                          capture_output=True, text=True, env=environ, timeout=300)
+
+
+def _expected(source: Path, prompt: str, **params) -> str:
+    predictor = Predictor(load_pretrained(source), OPTTokenizer.from_dir(source))
+    return predictor.predict_generate_greedy(prompt, **params)
+
+
+def test_generate_a_prompt_from_a_served_model(served, tmp_path: Path) -> None:
+    server, source = served
+    out = _run(["generate", "--model", REPO, "--max-new-tokens", "8", "--quiet",
+                "Hello world"], server, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == _expected(source, "Hello world", out_max_length=8) + "\n"
+    assert (tmp_path / "home").exists()  # downloaded into FLAGOPT_HOME
+
+
+def test_prompts_from_stdin_one_line_each(served, tmp_path: Path) -> None:
+    server, source = served
+    prompts = ["Paris is the capital of", "The trophy doesn't fit"]
+    out = _run(["generate", "--model", REPO, "--max-new-tokens", "5", "--quiet"], server,
+               tmp_path, stdin="\n".join(prompts) + "\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == [_expected(source, p, out_max_length=5)
+                                         for p in prompts]
+
+
+def test_registry_name_as_in_the_readme(served, tmp_path: Path) -> None:
+    """`flagopt generate --model opt-125m-en` against a registry entry pointed at the server."""
+    server, source = served
+    extra = tmp_path / "extra.json"
+    files = sorted(p.name for p in source.iterdir())
+    arch = {"num_hidden_layers": CONFIG.num_hidden_layers, "hidden_size": CONFIG.hidden_size,
+            "ffn_dim": CONFIG.ffn_dim, "num_attention_heads": CONFIG.num_attention_heads,
+            "word_embed_proj_dim": CONFIG.word_embed_proj_dim,
+            "do_layer_norm_before": CONFIG.do_layer_norm_before,
+            "vocab_size": CONFIG.vocab_size,
+            "max_position_embeddings": CONFIG.max_position_embeddings}
+    extra.write_text(json.dumps({"format_version": 1, "models": {"opt-125m-en": {
+        "repo": REPO, "revision": "main", "files": files, "architecture": arch}}}))
+    out = _run(["generate", "--model", "opt-125m-en", "--max-new-tokens", "6", "--beam-size",
+                "3", "--quiet", "Hello"], server, tmp_path, FLAGOPT_REGISTRY=str(extra))
+    assert out.returncode == 0, out.stderr
+    predictor = Predictor(load_pretrained(source), OPTTokenizer.from_dir(source))
+    beam = predictor.predict_generate_beamsearch("Hello", out_max_length=6, beam_size=3)
+    assert out.stdout == beam + "\n"
+
+
+def test_sampling_with_a_seed_is_reproducible(served, tmp_path: Path) -> None:
+    server, _ = served
+    args = ["generate", "--model", REPO, "--max-new-tokens", "6", "--top-k", "20", "--top-p",
+            "0.9", "--temperature", "0.8", "--seed", "3", "--quiet", "Once upon a time"]
+    first, second = _run(args, server, tmp_path), _run(args, server, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.strip()
+
+
+def test_errors_are_one_line_and_exit_non_zero(served, tmp_path: Path) -> None:
+    server, _ = served
+    bad = _run(["generate", "--model", REPO, "--top-p", "0", "x"], server, tmp_path)
+    assert bad.returncode == 1 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = _run(["generate", "--model", "opt-126m-en", "x"], server, tmp_path)
+    assert unknown.returncode == 1 and "opt-125m-en" in unknown.stderr  # nearest name
