@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from flagopt.model.cache import KVCache
-from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult
+from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult, length_reason
 from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.processors import apply_processors
 
@@ -133,6 +133,7 @@ class BeamChooser(Chooser):
         counts = lengths.tolist()
         last = seqs[torch.arange(seqs.shape[0]), (state.prompt_len + lengths - 1).clamp(min=0)]
         ended = self.eos(last).tolist()
-        reasons = ["eos" if e and c > 0 else "length" for e, c in zip(ended, counts)]
+        limit = length_reason(self.params, state)
+        reasons = ["eos" if e and c > 0 else limit for e, c in zip(ended, counts)]
         return GenerationResult(seqs, state.prompt_len, counts, reasons,
                                 self.pool_scores[:, :n].reshape(-1))

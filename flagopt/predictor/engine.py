@@ -137,7 +137,8 @@ class Chooser:
         n = new.shape[1]
         finished_at = _first_true(torch.isin(new, self.eos._ids), n)  # index of EOS or n
         counts = (finished_at + (finished_at < n).long()).clamp(max=n)
-        reasons = [r or ("eos" if int(f) < n else "length")
+        limit = length_reason(self.params, state)
+        reasons = [r or ("eos" if int(f) < n else limit)
                    for r, f in zip(state.reasons, finished_at.tolist())]
         counts_list = counts.tolist()
         stopped = [i for i, r in enumerate(reasons) if r == "stop"]
@@ -153,6 +154,12 @@ class Chooser:
         token_scores = token_scores.masked_fill(~keep, 0.0)
         return GenerationResult(seqs, state.prompt_len, counts_list, reasons,
                                 token_scores.sum(-1), token_scores)
+
+
+def length_reason(params: GenerationParams, state: DecodeState) -> str:
+    """Why a row that ran out of steps ended: ``"positions"`` when the position table (not
+    ``max_new_tokens``) set the number of steps, else ``"length"``."""
+    return "positions" if state.max_new < params.max_new_tokens else "length"
 
 
 def _first_true(flags: torch.Tensor, default: int) -> torch.Tensor:
@@ -232,9 +239,12 @@ def decode_steps(state: DecodeState, chooser: Chooser,
 
 def _check_finite(logits: torch.Tensor, state: DecodeState) -> None:
     if not bool(torch.isfinite(logits).all()):
+        dtype = str(logits.dtype).removeprefix("torch.")
+        hint = (f"this is usually {dtype} overflow: load the model in float32 or bfloat16"
+                if logits.dtype == torch.float16 else
+                "the weights or the inputs hold NaN/inf, or the activations overflowed")
         raise NonFiniteLogitsError(
-            f"the model produced NaN/inf logits in {logits.dtype} at position {state.length}; "
-            f"this is usually {logits.dtype} overflow: load the model in float32 or bfloat16")
+            f"the model produced NaN/inf logits in {dtype} at position {state.length}; {hint}")
 
 
 def _apply_stop_strings(stops: StopStrings, state: DecodeState) -> None:

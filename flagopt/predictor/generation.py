@@ -27,7 +27,7 @@ def _rows_per_prompt(params: GenerationParams) -> int:
         return params.num_beams
     if params.strategy == "contrastive":
         return params.top_k
-    return 1
+    return params.num_return_sequences  # sampling draws each return sequence in its own row
 
 
 def check_inputs(model: nn.Module, input_ids: torch.Tensor,
@@ -74,7 +74,7 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
     max_new = max_new_tokens_allowed(input_ids.shape[1], params.max_new_tokens,
                                      model.config.max_position_embeddings)
     if max_new == 0:
-        return _nothing(input_ids, model.config.pad_token_id)
+        return _nothing(input_ids.repeat_interleave(params.num_return_sequences, 0))
     stops = None
     if params.stop and params.strategy != "beam":
         if decode is None:
@@ -107,7 +107,8 @@ def drain(steps: Generator[torch.Tensor, None, GenerationResult]) -> GenerationR
             return done.value
 
 
-def _nothing(input_ids: torch.Tensor, pad: int) -> GenerationResult:
-    n = input_ids.shape[0]
+def _nothing(input_ids: torch.Tensor) -> GenerationResult:
+    """The result when the prompt already fills the position table: no new tokens."""
+    n = input_ids.shape[0]  # batch * num_return_sequences
     return GenerationResult(input_ids.clone(), input_ids.shape[1], [0] * n,
                             ["positions"] * n, torch.zeros(n), torch.zeros(n, 0))

@@ -39,8 +39,9 @@ class GenerationParams:
     """Everything one ``generate`` call needs besides the prompts.
 
     Strategies: ``greedy``; ``sample`` (temperature/top-k/top-p/min-p; ``temperature=0``
-    turns it into greedy); ``beam`` (``num_beams``, ``length_penalty``, ``early_stopping``,
-    ``num_return_sequences``); ``contrastive`` (``penalty_alpha``, ``top_k``).
+    turns it into greedy; ``num_return_sequences`` samples per prompt); ``beam``
+    (``num_beams``, ``length_penalty``, ``early_stopping``, ``num_return_sequences``);
+    ``contrastive`` (``penalty_alpha``, ``top_k``).
     """
 
     max_new_tokens: int = 200
@@ -85,13 +86,17 @@ class GenerationParams:
                "> 0 (1 is off)")
         _check("penalty_alpha", self.penalty_alpha, 0 <= self.penalty_alpha <= 1,
                "0 <= penalty_alpha <= 1")
-        if self.early_stopping not in (True, False, "never"):
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise ValueError(f"early_stopping={self.early_stopping!r}; expected True, False "
                              f"or 'never'")
-        beams = self.num_beams if self.strategy == "beam" else 1
-        _check("num_return_sequences", self.num_return_sequences,
-               self.num_return_sequences <= beams if self.strategy == "beam" else True,
-               f"between 1 and num_beams={beams}")
+        if self.strategy == "beam":
+            _check("num_return_sequences", self.num_return_sequences,
+                   self.num_return_sequences <= self.num_beams,
+                   f"between 1 and num_beams={self.num_beams}")
+        elif self.strategy != "sample":  # one deterministic answer per prompt
+            _check("num_return_sequences", self.num_return_sequences,
+                   self.num_return_sequences == 1,
+                   f"1 for strategy={self.strategy!r} (use 'sample' or 'beam' for more)")
         if self.strategy == "contrastive":
             _check("top_k", self.top_k, self.top_k >= 1, ">= 1 for contrastive search")
         set_("eos_token_ids", _token_ids("eos_token_id", self.eos_token_ids))
@@ -122,6 +127,8 @@ def _stops(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, Sequence) or not all(isinstance(s, str) and s for s in items):
+    if not isinstance(items, Sequence) or not all(isinstance(s, str) for s in items):
+        raise TypeError(f"stop must be a non-empty string or a list of them, got {value!r}")
+    if not all(items):
         raise ValueError(f"stop must be a non-empty string or a list of them, got {value!r}")
     return tuple(items)

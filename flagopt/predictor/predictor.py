@@ -87,22 +87,29 @@ class Predictor:
         min_new_tokens, min_p.
         """
         return self._texts(text, input_max_length, kwargs, strategy="sample",
-                           max_new_tokens=out_max_length, top_k=top_k, top_p=top_p,
-                           repetition_penalty=repetition_penalty, temperature=temperature)
+                           max_new_tokens=_positive("out_max_length", out_max_length),
+                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                           temperature=temperature)
 
     def predict_generate_beamsearch(self, text: str | Sequence[str],
                                     input_max_length: int = 256, out_max_length: int = 100,
                                     beam_size: int = 1, **kwargs) -> str | list:
         """Beam search (sum of log-probabilities; ``length_penalty``, ``early_stopping``,
         ``num_return_sequences`` up to ``beam_size``)."""
+        beam_size = _positive("beam_size", beam_size)
+        n = kwargs.get("num_return_sequences", 1)
+        if isinstance(n, int) and not isinstance(n, bool) and n > beam_size:
+            raise ValueError(f"num_return_sequences={n} is out of range; expected between 1 "
+                             f"and beam_size={beam_size}")
         return self._texts(text, input_max_length, kwargs, strategy="beam",
-                           max_new_tokens=out_max_length, num_beams=beam_size)
+                           max_new_tokens=_positive("out_max_length", out_max_length),
+                           num_beams=beam_size)
 
     def predict_generate_greedy(self, text: str | Sequence[str], input_max_length: int = 256,
                                 out_max_length: int = 200, **kwargs) -> str | list:
         """The most likely token at every step (with optional penalties)."""
         return self._texts(text, input_max_length, kwargs, strategy="greedy",
-                           max_new_tokens=out_max_length)
+                           max_new_tokens=_positive("out_max_length", out_max_length))
 
     def predict_generate_contrastive_search(self, text: str | Sequence[str],
                                             input_max_length: int = 256,
@@ -112,8 +119,8 @@ class Predictor:
         """Contrastive search: the likeliest of ``top_k`` candidates, penalised by its
         similarity to the context (``penalty_alpha``)."""
         return self._texts(text, input_max_length, kwargs, strategy="contrastive",
-                           max_new_tokens=out_max_length, top_k=top_k,
-                           penalty_alpha=penalty_alpha)
+                           max_new_tokens=_positive("out_max_length", out_max_length),
+                           top_k=top_k, penalty_alpha=penalty_alpha)
 
     # --- general forms -----------------------------------------------------------------------
 
@@ -147,7 +154,9 @@ class Predictor:
         if gen.num_return_sequences != 1:
             raise ValueError("stream returns one sequence; use num_return_sequences=1")
         if gen.strategy == "beam":
-            yield str(self.generate(text, input_max_length, **params).texts[0])
+            whole = str(self.generate(text, input_max_length, **params).texts[0])
+            if whole:  # like the other strategies, never an empty piece
+                yield whole
             return
         enc = self._encode([text], input_max_length)
         steps = iter_generate(self.model, enc.input_ids, enc.attention_mask, gen,
@@ -170,10 +179,7 @@ class Predictor:
         return per_prompt[0] if isinstance(text, str) else per_prompt
 
     def _encode(self, texts: list[str], input_max_length: int):
-        input_max_length = _integer("input_max_length", input_max_length)
-        if input_max_length < 1:
-            raise ValueError(f"input_max_length={input_max_length} is out of range; expected "
-                             f"an integer >= 1")
+        input_max_length = _positive("input_max_length", input_max_length)
         enc = self.tokenizer(texts, padding_side="left", max_length=input_max_length)
         if any(enc.truncated):
             logger.warning("prompt longer than input_max_length=%d tokens: kept its last "
@@ -233,6 +239,14 @@ class _StopAwareStream:
         piece = self.pending[:len(self.pending) - keep] if keep else self.pending
         self.pending = self.pending[len(piece):]
         return piece, False
+
+
+def _positive(name: str, value: object) -> int:
+    """``value`` as an integer >= 1, errors naming the caller's parameter (FlagAI's names)."""
+    value = _integer(name, value)
+    if value < 1:
+        raise ValueError(f"{name}={value!r} is out of range; expected an integer >= 1")
+    return value
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
