@@ -98,7 +98,9 @@ class OPTForCausalLM(_OPTHead):
                          use_cache, output_attentions, output_hidden_states, head_mask)
         hidden = out.last_hidden_state
         if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+            # A non-contiguous slice sends bf16 matmuls down a slow path that also allocates
+            # gigabytes; the copy is one row per sequence.
+            hidden = hidden[:, -logits_to_keep:].contiguous()
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
