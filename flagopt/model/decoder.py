@@ -92,6 +92,7 @@ class OPTAttention(nn.Module):
         v = v.view(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H, past + T, D)
+            q = q.to(k.dtype)  # the cache may hold a wider dtype than the weights (CPU)
         dropout = self.dropout if self.training else 0.0
         weights = None
         if implementation == "eager" or head_mask is not None or output_attentions:
@@ -99,7 +100,7 @@ class OPTAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=is_causal, scale=1.0)
-        out = out.transpose(1, 2).reshape(bsz, t, -1)  # (B, T, H*D)
+        out = out.transpose(1, 2).reshape(bsz, t, -1).to(x.dtype)  # (B, T, H*D)
         return self.out_proj(out), weights
 
 
