@@ -121,7 +121,7 @@ def model_table(model: str, configs: list[dict], settings: dict, read_gb_s: floa
     head += [f"× {p} best" for p in peers]
     head += ["% of ceiling"] + [f"batch {x} tok/s" for x in b]
     head += [f"prefill {settings['prefill_len']} tok/s", "TTFT ms", "load s",
-             "peak RSS GB / weights GB"] + (["peak GPU GB"] if cuda else [])
+             "load RSS ÷ weights", "peak RSS GB / weights GB"] + (["peak GPU GB"] if cuda else [])
     lines = [f"## {model}", ""] + ([note, ""] if note else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for c in configs:
@@ -140,12 +140,20 @@ def model_table(model: str, configs: list[dict], settings: dict, read_gb_s: floa
         row.append("–" if frac is None else f"{100 * frac:.0f}%")
         row += [_num(m.get(f"batch{x}_tok_s")) for x in b]
         row += [_num(m.get("prefill_tok_s")), _num(m.get("ttft_s"), "ms"),
-                _num(m.get("load_s")),
+                _num(m.get("load_s")), _load_rss(m),
                 f"{_gb(m.get('peak_rss_end_bytes'))} / {_gb(m.get('weights_bytes'))}"]
         if cuda:
             row.append(_gb(m.get("gpu_max_allocated_end_bytes")))
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _load_rss(m: dict) -> str:
+    """Peak RSS the load added over the process baseline, as a multiple of the weights."""
+    keys = ("peak_rss_after_load_bytes", "peak_rss_baseline_bytes", "weights_bytes")
+    if not all(m.get(k) for k in keys):
+        return "–"
+    return f"{(m[keys[0]] - m[keys[1]]) / m[keys[2]]:.2f}×"
 
 
 def summary_table(rows: list[dict], peers: list[str]) -> list[str]:

@@ -120,7 +120,8 @@ class Chooser:
 
     def _record(self, scores: torch.Tensor, nxt: torch.Tensor, state: DecodeState) -> None:
         step = state.length - state.prompt_len
-        logp = scores.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
+        # log p(token) = score - logsumexp(scores): no (rows, vocab) log_softmax written out
+        logp = scores.gather(1, nxt[:, None])[:, 0] - scores.logsumexp(-1)
         self.scores[:, step] = torch.where(state.done, 0.0, logp)
 
     def after_append(self, next_tokens: torch.Tensor, state: DecodeState) -> None:
@@ -238,7 +239,9 @@ def decode_steps(state: DecodeState, chooser: Chooser,
 
 
 def _check_finite(logits: torch.Tensor, state: DecodeState) -> None:
-    if not bool(torch.isfinite(logits).all()):
+    # NaN and +-inf survive a row sum, so one reduction finds them (finite logits are far too
+    # small for a float32 sum over the vocabulary to overflow).
+    if not bool(torch.isfinite(logits.sum(-1, dtype=torch.float32)).all()):
         dtype = str(logits.dtype).removeprefix("torch.")
         hint = (f"this is usually {dtype} overflow: load the model in float32 or bfloat16"
                 if logits.dtype == torch.float16 else
