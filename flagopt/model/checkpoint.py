@@ -115,7 +115,8 @@ class _Stored:
 
 def iter_tensors(path: Path, *, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None,
-                 keep: Callable[[str], bool] | None = None
+                 keep: Callable[[str], bool] | None = None,
+                 transient: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` from one weights file under its names as stored.
 
@@ -123,6 +124,8 @@ def iter_tensors(path: Path, *, dtype: torch.dtype | None = None,
         dtype: convert floating-point tensors to this dtype (others keep theirs).
         device: move every tensor there.
         keep: ``keep(name)`` False skips a tensor without reading its bytes.
+        transient: the caller copies whatever it keeps (e.g. quantizes it), so a tensor's
+            file pages are dropped from memory as soon as the caller asks for the next one.
     Raises:
         CorruptCheckpointError: the file is truncated, hostile or not weights at all.
         UnsafeCheckpointError: a pickle that would import or run code.
@@ -136,12 +139,12 @@ def iter_tensors(path: Path, *, dtype: torch.dtype | None = None,
         if stored is None:  # legacy (pre-1.6) pickle or compressed zip: read it whole
             yield from _iter_loaded(path, dtype, device, keep)
             return
-    yield from _iter_mapped(path, stored, dtype, device, keep)
+    yield from _iter_mapped(path, stored, dtype, device, keep, transient)
 
 
 def _iter_mapped(path: Path, stored: list[_Stored], dtype: torch.dtype | None,
-                 device: torch.device | str | None, keep: Callable[[str], bool] | None
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+                 device: torch.device | str | None, keep: Callable[[str], bool] | None,
+                 transient: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     with open(path, "rb") as fh:  # ACCESS_COPY: private pages, writes never reach the file
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     for entry in stored:
@@ -157,6 +160,8 @@ def _iter_mapped(path: Path, stored: list[_Stored], dtype: torch.dtype | None,
             del source
             _release(mapped, entry.offset, entry.nbytes)
         yield entry.name, tensor
+        if transient and tensor is source:  # read pages are clean: a later read re-faults them
+            _release(mapped, entry.offset, entry.nbytes)
 
 
 def _view(mapped: mmap.mmap, entry: _Stored, path: Path) -> torch.Tensor:
@@ -287,8 +292,8 @@ def _safetensors_entry(path: Path, name: str, info: object, data_start: int,
 def _zip_entries(path: Path) -> list[_Stored] | None:
     """Tensor layouts of a zip ``.bin``, read from its pickle alone (no tensor data).
 
-    ``torch.load(map_location="meta")`` gives each storage's byte offset in the file; None if
-    that is unavailable (then the file is read whole).
+    ``torch.load(map_location="meta", weights_only=True)`` gives each storage's byte offset
+    in the file; None if that is unavailable (then the file is read whole).
     """
     try:
         records = _zip_records(path)

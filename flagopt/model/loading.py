@@ -71,7 +71,7 @@ def load_pretrained(directory: str | os.PathLike,
     if quantize == "int8":
         int8_modules(model, dtype)
         assign_hook = _int8_assign(dtype, device)
-        read_dtype = torch.float32  # exact for fp16/bf16 sources; quantized from there
+        read_dtype = None  # quantized straight from the mapped source, pages dropped after
     expected = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model, "tied", False)
     prefix = "" if any(k.startswith("model.") for k in expected) else "model."
@@ -84,7 +84,8 @@ def load_pretrained(directory: str | os.PathLike,
     unexpected: list[str] = []
     for path in checkpoint.find_weight_files(directory):
         for stored_name, stored in checkpoint.iter_tensors(path, dtype=read_dtype,
-                                                           device=device, keep=keep):
+                                                           device=device, keep=keep,
+                                                           transient=quantize is not None):
             for name, tensor in checkpoint.hf_names(stored_name, stored):
                 name = name[len(prefix):] if prefix and name.startswith(prefix) else name
                 if name not in expected:
@@ -135,7 +136,8 @@ def _int8_assign(dtype: torch.dtype, device: torch.device | str) -> TensorHook:
         if is_quantized_param(module, param_name):
             module.set_weight(tensor, device)
         else:
-            module._parameters[param_name] = nn.Parameter(tensor.to(dtype), requires_grad=False)
+            module._parameters[param_name] = nn.Parameter(
+                tensor.to(device=device, dtype=dtype, copy=True), requires_grad=False)
     return assign
 
 

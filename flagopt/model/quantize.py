@@ -18,8 +18,8 @@ from torch import nn
 
 QUANTIZE_MODES = ("int8",)
 _TASK_HEADS = ("score", "qa_outputs")  # tiny, freshly trained heads stay in full precision
-_ROWS_PER_CHUNK = 4096
-FUSED_MAX_ROWS = 16  # measured crossover of torch._weight_int8pack_mm vs dequantize + matmul  # quantize big matrices in slices to bound the temporary fp32 copy
+_ROWS_PER_CHUNK = 1024  # quantize big matrices in slices to bound the temporary fp32 copy
+FUSED_MAX_ROWS = 16  # measured crossover of torch._weight_int8pack_mm vs dequantize + matmul
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,9 +27,10 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], _ROWS_PER_CHUNK):
-        rows = weight[start:start + _ROWS_PER_CHUNK].float()
-        s = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q[start:start + _ROWS_PER_CHUNK] = torch.round(rows / s[:, None]).clamp(-127, 127)
+        # (chunk, in) float32 copy, the only temporary; worked on in place
+        rows = weight[start:start + _ROWS_PER_CHUNK].to(torch.float32, copy=True)
+        s = rows.abs().amax(dim=1).clamp_(min=1e-12).div_(127.0)
+        q[start:start + _ROWS_PER_CHUNK] = rows.div_(s[:, None]).round_().clamp_(-127, 127)
         scale[start:start + _ROWS_PER_CHUNK] = s
     return q, scale
 
@@ -79,8 +80,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         y = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).contiguous(), q,
                                       scale.to(x.dtype))
         y = y.view(*x.shape[:-1], q.shape[0])
-    else:
-        y = F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None])
+    else:  # the scale applies per output channel, so it goes on the (rows, out) result
+        y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     return y if bias is None else y + bias
 
 
