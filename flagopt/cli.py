@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--dtype", help="float32, float16 or bfloat16")
     gen.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization")
+    gen.add_argument("--compile", action="store_true",
+                     help="compile the decoding step with torch.compile (CUDA graphs on GPU); "
+                          "same output, faster after a one-time compilation")
     gen.add_argument("--endpoint", help="hub mirror (default $FLAGOPT_ENDPOINT or the hub)")
     gen.add_argument("--offline", action="store_true", help="never use the network")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or notices")
@@ -95,7 +98,7 @@ def _generate(args: argparse.Namespace) -> int:
         options["progress"] = False
     loader = AutoLoader("lm", args.model, model_dir=args.model_dir, device=args.device,
                         **options)
-    predictor = Predictor(loader.get_model(), loader.get_tokenizer())
+    predictor = Predictor(loader.get_model(), loader.get_tokenizer(), compile=args.compile)
     out = sys.stdout
     for prompt in _prompts(args):
         for piece in predictor.stream(prompt, args.input_max_length, **params):
@@ -126,4 +129,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

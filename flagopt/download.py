@@ -126,4 +126,4 @@ def _size(spec: ModelSpec) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

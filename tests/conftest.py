@@ -48,6 +48,15 @@ def reference_pair(config: OPTConfig, task: str = "lm", attn: str = "sdpa", seed
     return hf, ours.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request) -> OPTConfig:
     return tiny_config(**VARIANTS[request.param])

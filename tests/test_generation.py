@@ -23,13 +23,7 @@ MAX_NEW = 10
 LENGTHS = (7, 3, 5, 6, 4, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _biased_pair(init_std: float = 0.3, eos_scale: float = 1.2, seed: int = 0, **overrides):

@@ -318,10 +318,54 @@ class OPTModel(nn.Module):
                              f"(batch, past + new) = ({bsz}, {past + t})")
         return positions_from_mask(attention_mask, past)
 
+    def static_step(self, input_ids: torch.Tensor, key_mask: torch.Tensor,
+                    cache_k: torch.Tensor, cache_v: torch.Tensor, write_at: torch.Tensor
+                    ) -> torch.Tensor:
+        """One new token per row with shapes that never change, for ``torch.compile``.
+
+        Args:
+            input_ids: (B, 1) the new tokens.
+            key_mask: (B, capacity) bool, True for every real position up to and including
+                the new token's slot ``write_at``, False elsewhere.
+            cache_k / cache_v: a ``KVCache``'s ``k`` and ``v`` buffers, written in place.
+            write_at: (1,) long, the slot the new token's keys/values go to.
+        Returns:
+            The last hidden state (B, 1, word_embed_proj_dim).
+        """
+        d = self.decoder
+        positions = key_mask.sum(dim=1, keepdim=True) - 1  # (B, 1): padding does not count
+        x = d.embed_tokens(input_ids)
+        if d.project_in is not None:
+            x = d.project_in(x)
+        x = x + d.embed_positions(positions).to(x.dtype)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, capacity)
+        slots = _SlotWriter(cache_k, cache_v, write_at)
+        for layer in d.layers:
+            x, _ = layer(x, mask, False, slots, "sdpa")
+        if d.final_layer_norm is not None:
+            x = d.final_layer_norm(x)
+        if d.project_out is not None:
+            x = d.project_out(x)
+        return x
+
     def fuse_qkv(self) -> None:
         """Fuse every layer's q/k/v projections (a speed option; results are unchanged)."""
         for layer in self.decoder.layers:
             layer.self_attn.fuse_qkv()
+
+
+class _SlotWriter:
+    """The KV cache as a static-shape step sees it: new keys/values are written at a tensor
+    index and attention reads the whole capacity (masked), so shapes never change."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
+        self.k, self.v, self.index = k, v, index
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.index, k_new.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.index, v_new.to(self.v.dtype))
+        return self.k[layer], self.v[layer]  # (B, H, capacity, D)
 
 
 def _layer_head_mask(head_mask: torch.Tensor | None, config: OPTConfig

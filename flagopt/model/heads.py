@@ -109,6 +109,15 @@ class OPTForCausalLM(_OPTHead):
         return CausalLMOutput(logits, loss, out.cache, out.hidden_states, out.attentions)
 
 
+    def static_step(self, input_ids: torch.Tensor, key_mask: torch.Tensor,
+                    cache_k: torch.Tensor, cache_v: torch.Tensor, write_at: torch.Tensor
+                    ) -> torch.Tensor:
+        """Next-token logits (B, vocab) for one new token per row, static shapes (see
+        ``OPTModel.static_step``); what ``generate(compile=True)`` compiles."""
+        hidden = self.model.static_step(input_ids, key_mask, cache_k, cache_v, write_at)
+        return self.lm_head(hidden[:, 0])
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy in fp32, ignoring labels equal to -100."""
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T): the token each position predicts

@@ -11,7 +11,7 @@ only when stop strings are given, decoding the newest text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -67,13 +67,26 @@ class DecodeState:
     done: torch.Tensor  # (R,) bool
     reasons: list[str] = field(default_factory=list)  # "stop" once a stop string ends a row
     stop_counts: dict[int, int] = field(default_factory=dict)  # row -> new tokens at its stop
+    step: Callable | None = None  # compiled static-shape one-token step (compile=True)
+    key_mask: torch.Tensor | None = None  # (R, T + N) bool, for ``step``
+    write_at: torch.Tensor | None = None  # (1,) long, for ``step``
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the model on ``input_ids`` (R, t) after what the cache holds; last logits."""
+        if self.step is not None and input_ids.shape[1] == 1:
+            return self._static_forward(input_ids)
         end = self.cache.length + input_ids.shape[1]
         mask = None if self.mask is None else self.mask[:, :end]
         out = self.model(input_ids, attention_mask=mask, cache=self.cache, logits_to_keep=1)
         return out.logits[:, -1]
+
+    def _static_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        slot = self.cache.length
+        self.key_mask[:, slot] = True
+        self.write_at.fill_(slot)
+        logits = self.step(input_ids, self.key_mask, self.cache.k, self.cache.v, self.write_at)
+        self.cache.advance(1)
+        return logits
 
     def append(self, next_tokens: torch.Tensor) -> None:
         self.tokens[:, self.length] = next_tokens
@@ -181,8 +194,13 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def start_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                max_new: int, rows_per_prompt: int = 1) -> DecodeState:
-    """Allocate the cache and token buffers for the whole generation (no later growth)."""
+                max_new: int, rows_per_prompt: int = 1, compile: bool = False
+                ) -> DecodeState:
+    """Allocate the cache and token buffers for the whole generation (no later growth).
+
+    ``compile`` runs each one-token step through ``torch.compile`` of the model's
+    static-shape step (CUDA graphs on GPU); the results are the same.
+    """
     bsz, t = input_ids.shape
     rows = bsz * rows_per_prompt
     total = t + max_new
@@ -199,8 +217,31 @@ def start_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         history[:, :t] = history[:, :t].masked_fill(mask[:, :t] == 0, PAD_HISTORY)
     cache = KVCache.for_model(model.config, rows, total, dtype=_cache_dtype(model, device),
                               device=device)
-    return DecodeState(model, cache, tokens, history, mask, t, max_new, t,
-                       torch.zeros(rows, dtype=torch.bool, device=device), [""] * rows)
+    state = DecodeState(model, cache, tokens, history, mask, t, max_new, t,
+                        torch.zeros(rows, dtype=torch.bool, device=device), [""] * rows)
+    if compile:
+        state.step = compiled_step(model)
+        state.key_mask = torch.zeros(rows, total, dtype=torch.bool, device=device)
+        state.key_mask[:, :t] = True if mask is None else mask[:, :t].bool()
+        state.write_at = torch.zeros(1, dtype=torch.long, device=device)
+    return state
+
+
+def compiled_step(model: nn.Module) -> Callable:
+    """``torch.compile`` of ``model.static_step``, made once per model and kept on it.
+
+    On CUDA it uses CUDA graphs ("reduce-overhead"). Shapes are static per (rows, capacity),
+    so a new batch size or length compiles once more.
+    """
+    step = model.__dict__.get("_flagopt_compiled_step")
+    if step is None:
+        if not hasattr(model, "static_step"):
+            raise TypeError(f"compile=True needs a causal LM, got {type(model).__name__}")
+        device = next(model.parameters()).device
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        step = torch.compile(model.static_step, dynamic=False, mode=mode)
+        model.__dict__["_flagopt_compiled_step"] = step
+    return step
 
 
 def _cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:

@@ -58,7 +58,7 @@ def check_inputs(model: nn.Module, input_ids: torch.Tensor,
 def iter_generate(model: nn.Module, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None, params: GenerationParams, *,
                   decode: Callable[[list[int]], str] | None = None,
-                  check_every: int | None = None
+                  check_every: int | None = None, compile: bool = False
                   ) -> Generator[torch.Tensor, None, GenerationResult]:
     """Yield each step's new tokens (one per cache row); return the ``GenerationResult``.
 
@@ -69,6 +69,9 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
         decode: ids -> text, needed only for ``params.stop`` strings.
         check_every: steps between host checks for "all rows done" (default: 1 on CPU, 4
             on CUDA).
+        compile: run the one-token steps through ``torch.compile`` (CUDA graphs on GPU);
+            same results, less per-step overhead once compiled. The first call per batch
+            shape pays the compilation. Contrastive search always runs eagerly.
     """
     attention_mask = check_inputs(model, input_ids, attention_mask)
     max_new = max_new_tokens_allowed(input_ids.shape[1], params.max_new_tokens,
@@ -84,7 +87,8 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
         check_every = 1 if input_ids.device.type == "cpu" else 4
     with torch.inference_mode():
         state = start_state(model, input_ids, attention_mask, max_new,
-                            _rows_per_prompt(params))
+                            _rows_per_prompt(params),
+                            compile=compile and params.strategy != "contrastive")
         chooser = _CHOOSERS[params.strategy](params, state, model.config.pad_token_id)
         yield from decode_steps(state, chooser, stops, check_every)
         return chooser.result(state)
