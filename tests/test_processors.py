@@ -30,7 +30,8 @@ from flagopt.predictor.stopping import EosCriterion, StopStrings, max_new_tokens
 VOCAB = 1000
 SEEDS = (0, 1, 2)
 BATCHES = (1, 4)
-TOKENIZER_DIR = Path("/work/shared/opt-tokenizer")
+# The real OPT tokenizer files, shipped with the package (a clone has no ../shared).
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "flagopt" / "data" / "opt-tokenizer"
 
 
 def _scores(seed: int, batch: int, vocab: int = VOCAB) -> torch.Tensor:
