@@ -190,7 +190,7 @@ def markdown(doc: dict) -> str:
              f"- machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']:.0f} GiB RAM"
              + (f", {m['gpu']}" if m.get("gpu") else "") + f"; device `{s['device']}`, "
              f"{s['threads']} threads per engine",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
              f"- command: `{doc['command']}`",
              f"- {s['repeats']} repeat(s); every configuration in a fresh process, "
              f"round-robin across engines; medians shown (raw samples in the JSON)",

@@ -68,7 +68,7 @@ class DecodeState:
     reasons: list[str] = field(default_factory=list)  # "stop" once a stop string ends a row
     stop_counts: dict[int, int] = field(default_factory=dict)  # row -> new tokens at its stop
     step: Callable | None = None  # compiled static-shape one-token step (compile=True)
-    key_mask: torch.Tensor | None = None  # (R, T + N) bool, for ``step``
+    key_mask: torch.Tensor | None = None  # (R, cache capacity) bool, for ``step``
     write_at: torch.Tensor | None = None  # (1,) long, for ``step``
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -215,16 +215,24 @@ def start_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         mask = torch.zeros(rows, total, dtype=torch.long, device=device)
         mask[:, :t] = attention_mask.repeat_interleave(rows_per_prompt, 0)
         history[:, :t] = history[:, :t].masked_fill(mask[:, :t] == 0, PAD_HISTORY)
-    cache = KVCache.for_model(model.config, rows, total, dtype=_cache_dtype(model, device),
+    # A compiled step is specialised to its cache capacity: round it up so that calls of
+    # similar lengths share one compilation.
+    capacity = _bucket(total, model.config.max_position_embeddings) if compile else total
+    cache = KVCache.for_model(model.config, rows, capacity, dtype=_cache_dtype(model, device),
                               device=device)
     state = DecodeState(model, cache, tokens, history, mask, t, max_new, t,
                         torch.zeros(rows, dtype=torch.bool, device=device), [""] * rows)
     if compile:
         state.step = compiled_step(model)
-        state.key_mask = torch.zeros(rows, total, dtype=torch.bool, device=device)
+        state.key_mask = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
         state.key_mask[:, :t] = True if mask is None else mask[:, :t].bool()
         state.write_at = torch.zeros(1, dtype=torch.long, device=device)
     return state
+
+
+def _bucket(total: int, max_positions: int, step: int = 128) -> int:
+    """``total`` rounded up to a multiple of ``step``, but never past the position table."""
+    return max(total, min(-(-total // step) * step, max_positions))
 
 
 def compiled_step(model: nn.Module) -> Callable:
