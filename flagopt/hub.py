@@ -448,6 +448,14 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+OFFLINE_ENV = "FLAGOPT_OFFLINE"
+
+
+def is_offline(offline: bool = False) -> bool:
+    """Whether the network is forbidden: ``offline=True`` or ``FLAGOPT_OFFLINE=1``."""
+    return bool(offline) or _env_flag(OFFLINE_ENV)
+
+
 def _check_disk_space(directory: Path, needed: int) -> None:
     """Raises InsufficientDiskSpaceError unless ``needed`` bytes fit (or the check is off)."""
     if needed <= 0 or _env_flag("FLAGOPT_SKIP_DISK_CHECK"):
@@ -829,7 +837,7 @@ def download_repo_files(
         raise TypeError(f"filenames must be a list of names, got the string {filenames!r}")
     targets = [(name, safe_join(local_dir, name)) for name in filenames]
     missing = [(name, path) for name, path in targets if not path.is_file()]
-    if missing and (offline or _env_flag("FLAGOPT_OFFLINE")):
+    if missing and is_offline(offline):
         names = ", ".join(name for name, _ in missing)
         raise OfflineError(
             f"offline mode (offline=True or FLAGOPT_OFFLINE=1): {len(missing)} file(s) of "

@@ -44,7 +44,6 @@ __all__ = ["AutoLoader", "DTYPES", "TASKS", "FetchOptions", "LoadOptions", "down
 logger = logging.getLogger(__name__)
 
 HOME_ENV = "FLAGOPT_HOME"
-OFFLINE_ENV = "FLAGOPT_OFFLINE"
 DEFAULT_HOME = "~/.cache/flagopt"
 
 TASKS: dict[str, type[nn.Module]] = dict(TASK_CLASSES)  # "lm", "classification", "qa"
@@ -231,7 +230,7 @@ def _parse_options(task_name: str, device: str | torch.device | None,
     if endpoint is not None:
         endpoint = hub.get_endpoint(endpoint)
     fetch = FetchOptions(endpoint=endpoint, token=kwargs.get("token"),
-                         offline=bool(kwargs.get("offline", False)) or _env_flag(OFFLINE_ENV),
+                         offline=hub.is_offline(kwargs.get("offline", False)),
                          progress=bool(kwargs.get("progress", True)))
     dtype = resolve_dtype(kwargs, target)
     if quantize == "int8" and target.type == "cpu" and not _dtype_given(kwargs):
@@ -343,10 +342,6 @@ def _num_labels(kwargs: dict[str, Any], task: str) -> int | None:
     return next(iter(given.values()))
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 # --- files ----------------------------------------------------------------------------------------
 
 
@@ -384,7 +379,7 @@ def download_model(model_name: str | os.PathLike, model_dir: str | os.PathLike |
     if endpoint is not None:
         endpoint = hub.get_endpoint(endpoint)
     options = FetchOptions(endpoint=endpoint, token=token,
-                           offline=offline or _env_flag(OFFLINE_ENV), progress=progress)
+                           offline=hub.is_offline(offline), progress=progress)
     return _fetch(resolve_model(model_name, registry=registry), model_dir, only_config, options)
 
 
@@ -414,8 +409,8 @@ def _fetch_hub_repo(spec: ModelSpec, local_dir: Path, only_config: bool,
     if missing is None:
         return
     if options.offline:
-        raise OfflineError(f"offline mode (offline=True or {OFFLINE_ENV}=1): {spec.name} is not "
-                           f"complete in {local_dir}: {missing}")
+        raise OfflineError(f"offline mode (offline=True or {hub.OFFLINE_ENV}=1): {spec.name} "
+                           f"is not complete in {local_dir}: {missing}")
 
     def get(names: list[str], expected: dict[str, dict[str, Any]] | None = None) -> list[Path]:
         return hub.download_repo_files(spec.repo, names, local_dir, endpoint=options.endpoint,

@@ -7,7 +7,6 @@ table. Numerics follow Hugging Face's ``OPTForCausalLM``, the reference implemen
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -379,8 +378,3 @@ def _layer_head_mask(head_mask: torch.Tensor | None, config: OPTConfig
                          f"({config.num_hidden_layers}, {config.num_attention_heads})")
     return head_mask
 
-
-def num_params(module: nn.Module) -> int:
-    """Number of distinct parameters (tied ones counted once)."""
-    seen = {id(p): p.numel() for p in module.parameters()}
-    return int(math.fsum(seen.values()))

@@ -16,12 +16,14 @@ import torch
 
 from flagopt.model.cache import KVCache
 from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult
+from flagopt.predictor.params import GenerationParams
+from flagopt.predictor.processors import apply_processors
 
 
 class ContrastiveChooser(Chooser):
     """``top_k`` candidate rows per prompt; the cache rows of a prompt stay identical."""
 
-    def __init__(self, params, state: DecodeState, pad_id: int) -> None:
+    def __init__(self, params: GenerationParams, state: DecodeState, pad_id: int) -> None:
         super().__init__(params, state, pad_id)
         self.k = params.top_k
         self.alpha = params.penalty_alpha
@@ -73,8 +75,6 @@ class ContrastiveChooser(Chooser):
         return torch.where(state.done, self.pad_id, nxt.repeat_interleave(k))
 
     def _apply(self, scores: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        from flagopt.predictor.processors import apply_processors
-
         return apply_processors(self.processors, state.history[::self.k, :state.length], scores)
 
     def _run_candidates(self, ids: torch.Tensor, state: DecodeState):

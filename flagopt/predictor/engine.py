@@ -154,18 +154,16 @@ class Chooser:
         limit = length_reason(self.params, state)
         reasons = [r or ("eos" if int(f) < n else limit)
                    for r, f in zip(state.reasons, finished_at.tolist())]
-        counts_list = counts.tolist()
-        stopped = [i for i, r in enumerate(reasons) if r == "stop"]
-        for i in stopped:  # a stop string ended the row at its last appended token
-            counts_list[i] = state.stop_counts[i]
-        seqs = state.tokens[:, :state.prompt_len + max(counts_list, default=0)].clone()
-        for i, c in enumerate(counts_list):
-            seqs[i, state.prompt_len + c:] = self.pad_id
-        token_scores = self.scores[:, :n].clone()
-        keep = torch.arange(n, device=token_scores.device)[None] < counts[:, None]
-        for i in stopped:
-            keep[i, counts_list[i]:] = False
-        token_scores = token_scores.masked_fill(~keep, 0.0)
+        # A stop string ended its row at the token it was found after.
+        counts_list = [state.stop_counts[i] if r == "stop" else c
+                       for i, (r, c) in enumerate(zip(reasons, counts.tolist()))]
+        width = max(counts_list, default=0)
+        counts = torch.tensor(counts_list, device=new.device)
+        beyond = torch.arange(n, device=new.device)[None] >= counts[:, None]  # (R, n)
+        seqs = state.tokens[:, :state.prompt_len + width].clone()
+        seqs[:, state.prompt_len:] = seqs[:, state.prompt_len:].masked_fill(
+            beyond[:, :width], self.pad_id)
+        token_scores = self.scores[:, :n].masked_fill(beyond, 0.0)
         return GenerationResult(seqs, state.prompt_len, counts_list, reasons,
                                 token_scores.sum(-1), token_scores)
 
