@@ -15,6 +15,7 @@ from torch import nn
 
 from flagopt.model.cache import KVCache
 from flagopt.model.config import OPTConfig
+from flagopt.model.outputs import ModelOutput
 
 # OPT's learned position table has 2 extra rows: position p is looked up at row p + 2.
 POSITION_OFFSET = 2
@@ -23,7 +24,7 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclass
-class DecoderOutput:
+class DecoderOutput(ModelOutput):
     """What ``OPTModel`` returns. ``hidden_states`` / ``attentions`` are per layer when asked."""
 
     last_hidden_state: torch.Tensor

@@ -15,10 +15,11 @@ from torch import nn
 from flagopt.model.cache import KVCache
 from flagopt.model.config import OPTConfig
 from flagopt.model.decoder import OPTModel
+from flagopt.model.outputs import ModelOutput
 
 
 @dataclass
-class CausalLMOutput:
+class CausalLMOutput(ModelOutput):
     logits: torch.Tensor  # (B, T_kept, vocab)
     loss: torch.Tensor | None = None
     cache: KVCache | None = None
@@ -27,7 +28,7 @@ class CausalLMOutput:
 
 
 @dataclass
-class SequenceClassifierOutput:
+class SequenceClassifierOutput(ModelOutput):
     logits: torch.Tensor  # (B, num_labels)
     loss: torch.Tensor | None = None
     cache: KVCache | None = None
@@ -36,7 +37,7 @@ class SequenceClassifierOutput:
 
 
 @dataclass
-class QuestionAnsweringOutput:
+class QuestionAnsweringOutput(ModelOutput):
     start_logits: torch.Tensor  # (B, T)
     end_logits: torch.Tensor  # (B, T)
     loss: torch.Tensor | None = None
