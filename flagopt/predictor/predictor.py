@@ -52,6 +52,11 @@ class GeneratedText(str):
         obj.truncated, obj.finish_reason, obj.num_tokens = truncated, finish_reason, num_tokens
         return obj
 
+    def __reduce__(self) -> tuple:
+        # pickle / copy / deepcopy: rebuild through __new__, then restore any other attributes
+        args = (str(self), self.truncated, self.finish_reason, self.num_tokens)
+        return type(self), args, dict(self.__dict__)
+
 
 @dataclass
 class GenerateOutput:
@@ -124,11 +129,21 @@ class Predictor:
 
     def predict_generate_contrastive_search(self, text: str | Sequence[str],
                                             input_max_length: int = 256,
-                                            out_max_length: int = 200, top_k: int = 4,
-                                            penalty_alpha: float = 0.6, **kwargs
+                                            out_max_length: int = 200,
+                                            beam_size: int | None = None,
+                                            penalty_alpha: float = 0.6, *,
+                                            top_k: int | None = None, **kwargs
                                             ) -> str | list:
         """Contrastive search: the likeliest of ``top_k`` candidates, penalised by its
-        similarity to the context (``penalty_alpha``)."""
+        similarity to the context (``penalty_alpha``).
+
+        ``beam_size`` is FlagAI's name for the candidate count (4th positional argument, as
+        in FlagAI's signature) and means ``top_k``; give either (default 4).
+
+        Raises:
+            ValueError: ``beam_size`` and ``top_k`` are both given and differ.
+        """
+        top_k = _candidate_count(beam_size, top_k)
         return self._texts(text, input_max_length, kwargs, strategy="contrastive",
                            max_new_tokens=_positive("out_max_length", out_max_length),
                            top_k=top_k, penalty_alpha=penalty_alpha)
@@ -258,6 +273,16 @@ def _positive(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{name}={value!r} is out of range; expected an integer >= 1")
     return value
+
+
+def _candidate_count(beam_size: object, top_k: object) -> object:
+    """Contrastive search's candidate count from FlagAI's ``beam_size`` or ``top_k``."""
+    if beam_size is not None and top_k is not None and beam_size != top_k:
+        raise ValueError(f"beam_size={beam_size!r} and top_k={top_k!r} disagree; they name the "
+                         f"same thing (contrastive search's candidate count): pass one of them")
+    if beam_size is not None:
+        return _positive("beam_size", beam_size)
+    return 4 if top_k is None else top_k
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
