@@ -38,6 +38,7 @@ from tests.hub_server import HubServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIX = ["opt-125m-en", "opt-350m-en", "opt-1.3b-en", "opt-2.7b-en", "opt-6.7b-en", "opt-13b-en"]
+ZOO = [*SIX, "opt-30b-en", "opt-66b-en"]  # the six, then the two FlagAI also has
 SMALL_FILES = ["config.json", "generation_config.json", "vocab.json", "merges.txt",
                "special_tokens_map.json", "tokenizer_config.json"]
 TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
@@ -156,8 +157,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 def test_packaged_registry_describes_the_six_models() -> None:
     specs = load_registry()
-    assert list(specs) == SIX
-    assert [s.repo for s in specs.values()] == [f"facebook/{n[:-3]}" for n in SIX]
+    assert list(specs) == ZOO
+    assert [s.repo for s in specs.values()] == [f"facebook/{n[:-3]}" for n in ZOO]
     for spec in specs.values():
         assert spec.revision == "main" and spec.config_files == tuple(SMALL_FILES)
         assert spec.sha256 == {}  # none is known for certain, so none is stated

@@ -135,3 +135,50 @@ def test_contrastive_beam_size_and_top_k_that_differ_raise(predictor) -> None:
         predictor.predict_generate_contrastive_search(PROMPT, 32, 6, 2, top_k=5)
     with pytest.raises(ValueError, match="beam_size"):
         predictor.predict_generate_contrastive_search(PROMPT, 32, 6, beam_size=0)
+
+
+# --- the zoo: opt-30b-en and opt-66b-en ------------------------------------------------------
+
+BIG = {  # name: (layers, hidden, heads, ffn, shards), from the hub's config.json and file list
+    "opt-30b-en": (48, 7168, 56, 28672, 7),
+    "opt-66b-en": (64, 9216, 72, 36864, 14),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BIG))
+def test_big_zoo_entries_parse_with_their_architecture(name: str) -> None:
+    from flagopt.auto_model.registry import get_model_spec
+    from flagopt.model.config import OPTConfig
+
+    layers, hidden, heads, ffn, shards = BIG[name]
+    spec = get_model_spec(name)
+    assert spec.repo == f"facebook/{name[:-3]}" and spec.revision == "main"
+    arch = dict(spec.architecture)
+    assert (arch["num_hidden_layers"], arch["hidden_size"], arch["num_attention_heads"],
+            arch["ffn_dim"], arch["word_embed_proj_dim"]) == (layers, hidden, heads, ffn, hidden)
+    config = OPTConfig(**arch)
+    assert (config.vocab_size, config.max_position_embeddings) == (50272, 2048)
+    assert config.do_layer_norm_before and config.head_dim == 128
+    # parameters: embeddings (tied head) + positions + layers + final norm, counted by hand
+    per_layer = 4 * (hidden * hidden + hidden) + 2 * hidden * ffn + ffn + hidden + 4 * hidden
+    by_hand = 50272 * hidden + 2050 * hidden + layers * per_layer + 2 * hidden
+    assert spec.parameters == config.num_parameters == by_hand
+    assert spec.weight_files == (*[f"pytorch_model-{i:05d}-of-{shards:05d}.bin"
+                                   for i in range(1, shards + 1)],
+                                 "pytorch_model.bin.index.json")
+    assert set(spec.config_files) == {"config.json", "generation_config.json", "vocab.json",
+                                      "merges.txt", "special_tokens_map.json",
+                                      "tokenizer_config.json"}
+    assert spec.sizes == {} and spec.sha256 == {}  # not known for certain, so not stated
+
+
+def test_download_list_shows_the_big_models_with_an_estimated_size(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from flagopt.download import main
+
+    assert main(["--list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    assert "facebook/opt-30b" in lines["opt-30b-en"] and "30.0B" in lines["opt-30b-en"]
+    assert "~59.9 GB" in lines["opt-30b-en"]  # parameters x 2 bytes, marked as an estimate
+    assert "facebook/opt-66b" in lines["opt-66b-en"] and "65.7B" in lines["opt-66b-en"]
+    assert "~131.4 GB" in lines["opt-66b-en"]
