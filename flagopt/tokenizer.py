@@ -196,8 +196,9 @@ class OPTTokenizer:
 
     # --- encoding -----------------------------------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of ``text``, with ``</s>`` prepended as OPT does; no EOS is appended.
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text`` alone, as FlagAI's ``encode``: no ``</s>`` prepended
+        (``encode("day") == [1208]``); ``add_bos=True`` prepends it, as a prompt gets.
 
         Raises:
             TypeError: ``text`` is not a ``str``.
@@ -210,6 +211,120 @@ class OPTTokenizer:
             _check_encodable(text, "text")
             raise
         return [self.bos_token_id, *ids] if add_bos else ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids the model sees for a prompt: ``</s>`` (2) prepended, no EOS appended
+        (``encode_prompt("Hello world") == [2, 31414, 232]``).
+
+        Raises:
+            TypeError, TokenizerError: as ``encode``.
+        """
+        return self.encode(text, add_bos=True)
+
+    # --- FlagAI's tokenizer methods -----------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[str]:
+        """Byte-level BPE pieces of ``text`` (``"fried chicken"`` -> ``['fried', 'Ġchicken']``).
+
+        Raises:
+            TypeError, TokenizerError: as ``encode``.
+        """
+        _check_text(text, "text")
+        _check_encodable(text, "text")
+        return self._tokenizer.encode(text, add_special_tokens=False).tokens
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
+        """Vocabulary ids of BPE pieces: one id for a ``str``, a list for a list.
+
+        Raises:
+            TokenizerError: a piece is not in the vocabulary (the error names it).
+            TypeError: a piece is not a ``str``.
+        """
+        if isinstance(tokens, str):
+            return self._token_id(tokens)
+        return [self._token_id(token) for token in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int] | torch.Tensor
+                              ) -> str | list[str]:
+        """BPE pieces of ids: one piece for an ``int``, a list for a sequence or 1-D tensor.
+
+        Raises:
+            TokenizerError: an id is negative or past the vocabulary (50265 entries).
+            TypeError: an id is not an integer.
+        """
+        single = not isinstance(ids, (torch.Tensor, Sequence)) or \
+            isinstance(ids, torch.Tensor) and ids.dim() == 0
+        pieces = [self._token_piece(i) for i in _as_id_list(ids, "ids")]
+        return pieces[0] if single else pieces
+
+    def encode_plus(self, text: str, second_text: str | None = None,
+                    truncation: bool = True, max_length: int | None = None
+                    ) -> dict[str, list[int]]:
+        """FlagAI's ``encode_plus`` for OPT: ``{"input_ids", "token_type_ids"}``.
+
+        One text gives ``[</s>] + ids`` with type ids all 0. A pair gives
+        ``[<s>] + ids + [</s>] + second_ids + [</s>]``, type ids 0 up to and including the
+        first ``</s>`` and 1 after. With ``truncation`` and a ``max_length`` that the texts'
+        ids plus 3 exceed, the last id of the longer text (of the second on a tie) is dropped
+        until the texts' ids alone fit in ``max_length``; the special ids come on top, as in
+        FlagAI.
+
+        Raises:
+            TypeError: a text is not a ``str``.
+            TokenizerError: ``max_length`` is not an int >= 1 or None.
+        """
+        _check_max_length(max_length)
+        first = self.encode(text)
+        second = None if second_text is None else self.encode(second_text)
+        both = len(first) + (len(second) if second is not None else 0)
+        if truncation and max_length is not None and both + 3 > max_length:
+            _truncate_longest_first(first, second or [], max_length)
+        if second is None:
+            input_ids = [self.bos_token_id, *first]
+            return {"input_ids": input_ids, "token_type_ids": [0] * len(input_ids)}
+        end = self.eos_token_id
+        input_ids = [self.get_command_id("cls"), *first, end, *second, end]
+        token_type_ids = [0] * (len(first) + 2) + [1] * (len(second) + 1)
+        return {"input_ids": input_ids, "token_type_ids": token_type_ids}
+
+    def get_command_id(self, name: str) -> int:
+        """The id FlagAI's tokenizer gives a command token for OPT's vocabulary.
+
+        ``cls`` 0 (``<s>``), ``pad`` 1, ``bos`` 2, ``eos`` 2, ``unk`` 3 (``<unk>``, not the
+        ``</s>`` that Hugging Face uses), ``mask`` 50264; ``sep``, which OPT's vocabulary
+        lacks, is the first id past it (50265), as FlagAI adds it.
+
+        Raises:
+            KeyError: ``name`` is not one of these (the error lists them).
+        """
+        ids = self._command_ids()
+        if name not in ids:
+            raise KeyError(f"unknown command token name {name!r}; expected one of "
+                           f"{', '.join(sorted(ids))}")
+        return ids[name]
+
+    def _command_ids(self) -> dict[str, int]:
+        vocab = self._tokenizer.get_vocab(with_added_tokens=False)
+        ids = {"cls": vocab.get("<s>"), "pad": self.pad_token_id, "bos": self.bos_token_id,
+               "eos": self.eos_token_id, "unk": vocab.get("<unk>"), "mask": vocab.get("<mask>"),
+               "sep": vocab.get("<sep>", self.vocab_size)}
+        return {name: i for name, i in ids.items() if i is not None}
+
+    def _token_id(self, token: object) -> int:
+        if not isinstance(token, str):
+            raise TypeError(f"tokens must be str pieces, got {token!r} "
+                            f"({type(token).__name__})")
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"token {token!r} is not in the vocabulary")
+        return token_id
+
+    def _token_piece(self, token_id: int) -> str:
+        piece = self._tokenizer.id_to_token(token_id) if token_id < self.vocab_size else None
+        if piece is None:
+            raise TokenizerError(f"token id {token_id} is past the vocabulary "
+                                 f"(ids 0..{self.vocab_size - 1})")
+        return piece
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
         """``encode`` for many texts at once (in parallel, in ``tokenizers``).
@@ -515,6 +630,13 @@ def _as_id(value: object, name: str) -> int:
 
 
 # --- batching ---------------------------------------------------------------------------------
+
+
+def _truncate_longest_first(first: list[int], second: list[int], max_length: int) -> None:
+    """FlagAI's pair truncation, in place: drop the last id of the longer list (``first``
+    only when strictly longer) until both together hold at most ``max_length`` ids."""
+    while len(first) + len(second) > max_length:
+        (first if len(first) > len(second) else second).pop()
 
 
 def _truncate(row: list[int], max_length: int, side: str) -> list[int]:

@@ -277,7 +277,7 @@ def test_hub_repo_id_finds_sharded_safetensors_by_probing(zoo: Zoo, hub: HubServ
     torch.testing.assert_close(_logits(loader.get_model()), _reference(zoo.source(BARE_REPO)),
                                rtol=0, atol=0)
     # The repo has no tokenizer files (404s are fine): OPT's standard tokenizer is used.
-    assert loader.get_tokenizer().encode("Hello world") == [2, 31414, 232]
+    assert loader.get_tokenizer().encode_prompt("Hello world") == [2, 31414, 232]
 
     hub.stop()
     hub.clear_requests()
@@ -295,7 +295,7 @@ def test_hub_repo_id_with_bin_only(zoo: Zoo, hub: HubServer, tmp_path: Path) -> 
     assert not list(loader.local_dir.glob("*.safetensors*"))
     torch.testing.assert_close(_logits(loader.get_model()), _reference(zoo.source(repo)),
                                rtol=0, atol=0)
-    assert loader.get_tokenizer().encode("A photo of a cat") == [2, 250, 1345, 9, 10, 4758]
+    assert loader.get_tokenizer().encode_prompt("A photo of a cat") == [2, 250, 1345, 9, 10, 4758]
 
 
 def test_local_directory_is_used_in_place(zoo: Zoo, hub: HubServer) -> None:
@@ -570,7 +570,7 @@ def test_tokenizer_comes_from_the_download(zoo: Zoo, hub: HubServer, tmp_path: P
     loader = _load(zoo, hub, "opt-125m-en", tmp_path)
     tokenizer = loader.get_tokenizer()
     assert tokenizer is loader.tokenizer
-    assert tokenizer.encode("Hello world") == [2, 31414, 232]
+    assert tokenizer.encode_prompt("Hello world") == [2, 31414, 232]
 
 
 # --- corrupt files --------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def _fed_prompt(predictor: Predictor, call) -> torch.Tensor:
 def test_long_prompt_keeps_its_last_tokens_and_the_leading_eos(predictor, tok,
                                                                caplog) -> None:
     text = " ".join(f"word{i}" for i in range(40))
-    full = tok.encode(text)
+    full = tok.encode_prompt(text)
     limit = 9
     assert len(full) > limit
     manual = [EOS, *full[len(full) - (limit - 1):]]

@@ -176,7 +176,7 @@ def test_special_ids_and_sizes(tok: OPTTokenizer, ref) -> None:
     ("", [2]),
 ])
 def test_known_encodings(tok: OPTTokenizer, text: str, ids: list[int]) -> None:
-    assert tok.encode(text) == ids
+    assert tok.encode_prompt(text) == ids
     assert tok.encode(text, add_bos=False) == ids[1:]
 
 
@@ -185,25 +185,25 @@ def test_known_encodings(tok: OPTTokenizer, text: str, ids: list[int]) -> None:
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_matches_reference(tok: OPTTokenizer, ref, text: str) -> None:
-    assert tok.encode(text) == ref(text)["input_ids"]
+    assert tok.encode_prompt(text) == ref(text)["input_ids"]
     assert tok.encode(text, add_bos=False) == ref(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_matches_pure_python_bpe(tok: OPTTokenizer, py_bpe: PurePythonBPE,
                                         text: str) -> None:
-    assert tok.encode(text) == py_bpe.encode(text)
+    assert tok.encode_prompt(text) == py_bpe.encode(text)
 
 
 def test_special_token_strings_in_text_become_special_ids(tok: OPTTokenizer) -> None:
-    assert tok.encode("a</s>b") == [2, tok.encode("a", add_bos=False)[0], 2,
+    assert tok.encode_prompt("a</s>b") == [2, tok.encode("a", add_bos=False)[0], 2,
                                     tok.encode("b", add_bos=False)[0]]
     assert tok.encode("<pad>", add_bos=False) == [1]
-    assert 0 not in tok.encode("<s>") and 3 not in tok.encode("<unk>")
+    assert 0 not in tok.encode_prompt("<s>") and 3 not in tok.encode_prompt("<unk>")
 
 
 def test_encode_batch_matches_encode(tok: OPTTokenizer) -> None:
-    assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]
+    assert tok.encode_batch(TEXTS) == [tok.encode_prompt(t) for t in TEXTS]
     assert tok.encode_batch(TEXTS, add_bos=False) == [tok.encode(t, add_bos=False) for t in TEXTS]
     assert tok.encode_batch([]) == []
 
@@ -212,8 +212,8 @@ def test_very_long_texts_match_reference(tok: OPTTokenizer, ref) -> None:
     rng = random.Random(0)
     mixed = "".join(rng.choice(TEXTS) + rng.choice([" ", "\n", ""]) for _ in range(2000))
     for text in ("a" * 100_000, "😀" * 20_000, mixed):
-        assert tok.encode(text) == ref(text)["input_ids"]
-        assert tok.decode(tok.encode(text)) == text.replace("</s>", "").replace("<pad>", "")
+        assert tok.encode_prompt(text) == ref(text)["input_ids"]
+        assert tok.decode(tok.encode_prompt(text)) == text.replace("</s>", "").replace("<pad>", "")
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -229,12 +229,12 @@ def test_decode_matches_reference(tok: OPTTokenizer, ref, text: str, skip: bool)
 @pytest.mark.parametrize("text", TEXTS)
 def test_decode_round_trip(tok: OPTTokenizer, text: str) -> None:
     without_specials = text.replace("</s>", "").replace("<pad>", "")
-    assert tok.decode(tok.encode(text)) == without_specials
-    assert tok.decode(tok.encode(text), skip_special_tokens=False) == "</s>" + text
+    assert tok.decode(tok.encode_prompt(text)) == without_specials
+    assert tok.decode(tok.encode_prompt(text), skip_special_tokens=False) == "</s>" + text
 
 
 def test_decode_accepts_tensor_and_ids_past_the_vocabulary(tok: OPTTokenizer, ref) -> None:
-    ids = tok.encode("tensor 😀 input")
+    ids = tok.encode_prompt("tensor 😀 input")
     assert tok.decode(torch.tensor(ids)) == tok.decode(ids) == "tensor 😀 input"
     assert tok.decode(torch.tensor(ids, dtype=torch.int32)) == "tensor 😀 input"
     padded_vocab = [50264, 50265, 50271, 31414]  # the model has 50272 rows
@@ -255,7 +255,7 @@ def test_batch_decode(tok: OPTTokenizer, ref) -> None:
     enc = tok(TEXTS)
     assert tok.batch_decode(enc.input_ids) == [
         t.replace("</s>", "").replace("<pad>", "") for t in TEXTS]
-    rows = [tok.encode(t) for t in TEXTS]
+    rows = [tok.encode_prompt(t) for t in TEXTS]
     assert tok.batch_decode(rows, skip_special_tokens=False) == [
         ref_decode(ref, r, False) for r in rows]
 
@@ -267,7 +267,7 @@ def test_batch_decode(tok: OPTTokenizer, ref) -> None:
 def test_padding(tok: OPTTokenizer, side: str) -> None:
     texts = ["Hello world", "A photo of a cat", ""]
     enc = tok(texts, padding_side=side)
-    rows = [tok.encode(t) for t in texts]
+    rows = [tok.encode_prompt(t) for t in texts]
     width = max(map(len, rows))
     assert enc.input_ids.dtype == enc.attention_mask.dtype == torch.long
     assert enc.input_ids.shape == enc.attention_mask.shape == (3, width)
@@ -289,7 +289,7 @@ def test_single_string_is_a_batch_of_one(tok: OPTTokenizer) -> None:
 
 
 def test_truncation_keeps_leading_bos_and_last_tokens(tok: OPTTokenizer) -> None:
-    long_ids = tok.encode("A photo of a cat")  # [2, 250, 1345, 9, 10, 4758]
+    long_ids = tok.encode_prompt("A photo of a cat")  # [2, 250, 1345, 9, 10, 4758]
     enc = tok(["A photo of a cat", "Hello world"], max_length=4)
     assert enc.input_ids.tolist() == [[2, 9, 10, 4758], [1, 2, 31414, 232]]
     assert enc.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
@@ -317,7 +317,7 @@ def stream(tok: OPTTokenizer, chunks: list[list[int]], skip: bool) -> list[str]:
 @pytest.mark.parametrize("text", TEXTS)
 def test_incremental_decoder_equals_decode_over_every_split(tok: OPTTokenizer, text: str,
                                                             skip: bool) -> None:
-    ids = tok.encode(text)
+    ids = tok.encode_prompt(text)
     full = tok.decode(ids, skip_special_tokens=skip)
     one_by_one = stream(tok, [[i] for i in ids], skip)
     assert "".join(one_by_one) == full
@@ -428,7 +428,7 @@ def test_from_dir_takes_special_tokens_from_the_files(tmp_path: Path) -> None:
     other = OPTTokenizer.from_dir(tmp_path)
     assert (other.pad_token_id, other.unk_token_id, other.bos_token_id) == (3, 3, 2)
     assert other(["a", "a b"]).input_ids[0, 0].item() == 3
-    assert other.encode("x<unk>") == [2, 1178, 3]  # now special, so matched in text
+    assert other.encode_prompt("x<unk>") == [2, 1178, 3]  # now special, so matched in text
 
 
 @pytest.mark.parametrize("missing", ["vocab.json", "merges.txt"])
@@ -476,3 +476,80 @@ def test_non_utf8_file_is_named(tmp_path: Path) -> None:
 def test_unknown_special_token_key_is_rejected() -> None:
     with pytest.raises(TokenizerError, match="mask_token"):
         OPTTokenizer({"</s>": 0, "<pad>": 1}, [], {"mask_token": "<pad>"})
+
+
+# --- FlagAI's methods (the names keep FlagAI's meanings) --------------------------------------
+
+FRIED = "fried chicken makes me happy"
+FRIED_IDS = [21209, 5884, 817, 162, 1372]  # FlagAI's own tokenizer test
+
+
+def test_flagai_encode_has_no_bos_and_encode_prompt_has(tok: OPTTokenizer) -> None:
+    assert tok.encode("day") == [1208]
+    assert tok.encode(FRIED) == FRIED_IDS
+    assert tok.encode_prompt(FRIED) == [2, *FRIED_IDS] == tok.encode(FRIED, add_bos=True)
+    assert tok("day").input_ids.tolist() == [[2, 1208]]  # the batch call still prepends
+
+
+def test_flagai_tokenize_and_decode(tok: OPTTokenizer) -> None:
+    assert tok.tokenize(FRIED) == ["fried", "Ġchicken", "Ġmakes", "Ġme", "Ġhappy"]
+    assert tok.decode(FRIED_IDS) == FRIED
+
+
+def test_flagai_encode_plus_one_text(tok: OPTTokenizer) -> None:
+    out = tok.encode_plus(FRIED)
+    assert set(out) == {"input_ids", "token_type_ids"}
+    assert out["input_ids"] == [2, *FRIED_IDS] and out["token_type_ids"] == [0] * 6
+
+
+def test_flagai_encode_plus_pair_joins_with_eos(tok: OPTTokenizer) -> None:
+    a, b = tok.encode("day"), tok.encode(FRIED)
+    out = tok.encode_plus("day", FRIED)
+    assert out["input_ids"] == [0, *a, 2, *b, 2]
+    assert out["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    assert tok.encode_plus("day", second_text=FRIED) == out
+
+
+def test_flagai_encode_plus_truncates_the_longer_text_first(tok: OPTTokenizer) -> None:
+    # FlagAI cuts when ids + 3 > max_length, until the texts' ids alone fit max_length
+    assert tok.encode_plus(FRIED, max_length=8)["input_ids"] == [2, *FRIED_IDS]  # 5 + 3 fits
+    assert tok.encode_plus(FRIED, max_length=7)["input_ids"] == [2, *FRIED_IDS]  # 5 <= 7
+    assert tok.encode_plus(FRIED, max_length=3)["input_ids"] == [2, *FRIED_IDS[:3]]
+    out = tok.encode_plus(FRIED, "day", max_length=4)  # 5 + 1 ids -> 3 + 1
+    assert out["input_ids"] == [0, *FRIED_IDS[:3], 2, 1208, 2]
+    tie = tok.encode_plus("a b", "c d", max_length=3)  # equal lengths: the second loses one
+    assert tie["input_ids"] == [0, *tok.encode("a b"), 2, tok.encode("c d")[0], 2]
+    assert tok.encode_plus(FRIED, max_length=3, truncation=False)["input_ids"] == \
+        [2, *FRIED_IDS]
+    with pytest.raises(TokenizerError, match="max_length"):
+        tok.encode_plus(FRIED, max_length=0)
+
+
+def test_flagai_command_ids(tok: OPTTokenizer) -> None:
+    expected = {"cls": 0, "pad": 1, "bos": 2, "eos": 2, "unk": 3, "mask": 50264, "sep": 50265}
+    assert {name: tok.get_command_id(name) for name in expected} == expected
+    with pytest.raises(KeyError, match="sop"):
+        tok.get_command_id("sop")
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_flagai_pieces_and_ids_match_gpt2_tokenizer(tok: OPTTokenizer, ref, text: str) -> None:
+    pieces = tok.tokenize(text)
+    assert pieces == ref.tokenize(text)
+    ids = tok.convert_tokens_to_ids(pieces)
+    assert ids == ref.convert_tokens_to_ids(pieces) == tok.encode(text)
+    assert tok.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids) == pieces
+    with_bos = tok.encode_prompt(text)
+    assert tok.decode(with_bos, skip_special_tokens=False) == ref.decode(with_bos)
+    assert tok.decode(with_bos) == ref.decode(with_bos, skip_special_tokens=True)
+
+
+def test_flagai_convert_single_values_and_errors(tok: OPTTokenizer, ref) -> None:
+    assert tok.convert_tokens_to_ids("Ġchicken") == 5884 == ref.convert_tokens_to_ids("Ġchicken")
+    assert tok.convert_ids_to_tokens(5884) == "Ġchicken" == ref.convert_ids_to_tokens(5884)
+    assert tok.convert_ids_to_tokens(torch.tensor(5884)) == "Ġchicken"
+    assert tok.convert_ids_to_tokens(torch.tensor([2, 5884])) == ["</s>", "Ġchicken"]
+    with pytest.raises(TokenizerError, match="not in the vocabulary"):
+        tok.convert_tokens_to_ids(["fried", "no-such-piece"])
+    with pytest.raises(TokenizerError, match="50265"):
+        tok.convert_ids_to_tokens([50265])
