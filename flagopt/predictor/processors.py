@@ -6,8 +6,9 @@ Every processor is a callable ``(input_ids, scores) -> scores`` where ``input_id
 ignored by every processor, so a row's result never depends on how much padding it has.
 
 Each processor is the identity at its neutral value, is built once from parameters that
-``GenerationParams`` has validated (the processors trust them and check nothing), and uses only vectorized torch ops (no loop over rows or vocabulary, no host synchronisation),
-so it can run every decoding step on any device and in any float dtype.
+``GenerationParams`` has validated (the processors trust them and check nothing), and uses
+only vectorized torch ops (no loop over rows or vocabulary, no host synchronisation), so it
+can run every decoding step on any device and in any float dtype.
 
 The semantics follow Hugging Face transformers' ``generate``; see `build_logits_processors` for
 the order in which they are applied.
