@@ -19,6 +19,8 @@ from flagopt.errors import FlagOptError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from flagopt.predictor.strategies import STRATEGIES  # torch loads only once a command runs
+
     parser = argparse.ArgumentParser(prog="flagopt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a continuation of PROMPT (or of each "
@@ -28,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="registry name, hub repo id (owner/name[@rev]) or local directory")
     gen.add_argument("--max-new-tokens", type=int, default=50)
     gen.add_argument("--input-max-length", type=int, default=256)
-    gen.add_argument("--strategy", choices=("greedy", "sample", "beam", "contrastive"),
+    gen.add_argument("--strategy", choices=tuple(STRATEGIES),
                      help="default: beam with --beam-size > 1, sample when a sampling option "
                           "is given, else greedy")
     gen.add_argument("--top-k", type=int)

@@ -99,3 +99,23 @@ def test_errors_are_one_line_and_exit_non_zero(served, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
     unknown = _run(["generate", "--model", "opt-126m-en", "x"], server, tmp_path)
     assert unknown.returncode == 1 and "opt-125m-en" in unknown.stderr  # nearest name
+
+
+def test_strategy_choices_come_from_the_strategy_table(monkeypatch) -> None:
+    """``--strategy`` offers exactly the strategies ``strategies.py`` lists, in its order."""
+    from dataclasses import replace
+
+    from flagopt import cli
+    from flagopt.predictor import strategies
+
+    def choices() -> list[str]:
+        gen = cli._parser()._subparsers._group_actions[0].choices["generate"]
+        return next(a for a in gen._actions if a.dest == "strategy").choices
+
+    assert list(choices()) == list(strategies.STRATEGIES) == \
+        ["greedy", "sample", "beam", "contrastive"]
+    monkeypatch.setitem(strategies.STRATEGIES, "greedy-2",
+                        replace(strategies.STRATEGIES["greedy"]))
+    assert "greedy-2" in choices()
+    args = cli._parser().parse_args(["generate", "--strategy", "greedy-2", "x"])
+    assert args.strategy == "greedy-2"

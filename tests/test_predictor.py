@@ -441,6 +441,55 @@ def test_bad_values_are_rejected_naming_parameter_and_value(predictor, method: s
     assert name in message and value in message, message
 
 
+def test_errors_name_flagai_parameters_not_engine_fields(predictor) -> None:
+    """One check (GenerationParams), under the caller's names."""
+    with pytest.raises(ValueError) as info:
+        _call(predictor, "beamsearch", "Hello", beam_size=2, num_return_sequences=3)
+    assert str(info.value) == ("num_return_sequences=3 is out of range; expected between 1 "
+                               "and beam_size=2")
+    with pytest.raises(ValueError) as info:
+        _call(predictor, "greedy", "Hello", out_max_length=0)
+    assert "max_new_tokens" not in str(info.value)
+    with pytest.raises(ValueError, match="eos_token_id=-1"):
+        predictor.generate("Hello", eos_token_id=-1)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):  # generate() takes field names
+        predictor.generate("Hello", max_new_tokens=0)
+
+
+def test_numpy_numbers_are_accepted(predictor) -> None:
+    """Any numbers.Integral / numbers.Real (numpy's too), never bool."""
+    np = pytest.importorskip("numpy")
+    plain = predictor.predict_generate_randomsample(PROMPTS, out_max_length=5, top_k=7,
+                                                    top_p=0.9, seed=3, input_max_length=16)
+    as_numpy = predictor.predict_generate_randomsample(
+        PROMPTS, out_max_length=np.int64(5), top_k=np.int32(7), top_p=np.float32(0.9),
+        seed=np.int64(3), input_max_length=np.int64(16))
+    assert as_numpy == plain
+    beams = predictor.predict_generate_beamsearch(PROMPTS[0], out_max_length=4,
+                                                  beam_size=np.int64(2))
+    assert beams == predictor.predict_generate_beamsearch(PROMPTS[0], out_max_length=4,
+                                                          beam_size=2)
+    params = GenerationParams(max_new_tokens=np.uint8(3), eos_token_ids=np.int64(2),
+                              repetition_penalty=np.float64(1.5))
+    assert (params.max_new_tokens, params.eos_token_ids) == (3, (2,))
+    assert type(params.max_new_tokens) is int and type(params.repetition_penalty) is float
+    with pytest.raises(TypeError, match="out_max_length"):
+        predictor.predict_generate_greedy("Hello", out_max_length=np.bool_(True))
+
+
+def test_stream_asks_the_strategy_table_whether_it_streams(predictor, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from flagopt.predictor import strategies
+
+    params = dict(strategy="greedy", max_new_tokens=MAX_NEW, eos_token_ids=())
+    assert len(_stream(predictor, PROMPTS[0], **params)) > 1
+    whole = predictor.generate(PROMPTS[0], **params).texts[0]
+    monkeypatch.setitem(strategies.STRATEGIES, "greedy",
+                        replace(strategies.STRATEGIES["greedy"], streaming=False))
+    assert _stream(predictor, PROMPTS[0], **params) == [whole]
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_unknown_keyword_is_rejected_by_name(predictor, method: str) -> None:
     with pytest.raises(TypeError, match="max_lenght"):

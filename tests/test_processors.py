@@ -25,7 +25,10 @@ from flagopt.predictor.processors import (
     build_logits_processors,
     sample,
 )
-from flagopt.predictor.stopping import EosCriterion, StopStrings, max_new_tokens_allowed
+from flagopt.predictor.generation import generate
+from flagopt.predictor.params import GenerationParams
+from flagopt.predictor.stopping import EosCriterion, StopStrings, cut_at_stop, \
+    max_new_tokens_allowed
 
 VOCAB = 1000
 SEEDS = (0, 1, 2)
@@ -399,27 +402,67 @@ def test_sample_never_draws_filtered_tokens() -> None:
     assert len(torch.unique(draws)) > 1  # really sampling, not argmax
 
 
-# --- constructor checks ----------------------------------------------------------------------
+# --- bad values: checked once, by GenerationParams (the processors trust it) -----------------
+# These were the processors' own constructor checks; each bad value is now aimed at the
+# boundary that the processors' parameters come from.
 
 
 @pytest.mark.parametrize(
-    "make",
+    "params, error",
     [
-        lambda: RepetitionPenalty(0.0), lambda: RepetitionPenalty(-1.0), lambda: NoRepeatNGram(-1),
-        lambda: NoRepeatNGram(1.5), lambda: MinNewTokens(-1, 2, [2]),
-        lambda: MinNewTokens(3, -2, [2]),
-        lambda: MinNewTokens(3, 2, [-1]), lambda: Temperature(0.0), lambda: Temperature(-0.5),
-        lambda: Temperature(float("inf")), lambda: TopK(-1), lambda: TopK(2.5),
-        lambda: TopK(5, min_tokens_to_keep=0), lambda: TopP(1.1), lambda: TopP(-0.1),
-        lambda: MinP(1.5), lambda: MinP(-0.2), lambda: MinP(0.1, min_tokens_to_keep=0),
-        lambda: build_logits_processors(prompt_len=3, temperature=0.0, sampling=True),
-        lambda: build_logits_processors(prompt_len=3, top_k=-3, sampling=True),
-        lambda: build_logits_processors(prompt_len=3, sampling=True, num_beams=0),
+        (dict(repetition_penalty=0.0), ValueError), (dict(repetition_penalty=-1.0), ValueError),
+        (dict(no_repeat_ngram_size=-1), ValueError),
+        (dict(no_repeat_ngram_size=1.5), TypeError),  # not an integer: a TypeError there
+        (dict(min_new_tokens=-2), ValueError), (dict(eos_token_ids=[-1]), ValueError),
+        (dict(strategy="sample", temperature=-0.5), ValueError),
+        (dict(strategy="sample", temperature=float("inf")), ValueError),
+        (dict(strategy="sample", top_k=-1), ValueError),
+        (dict(strategy="sample", top_k=2.5), TypeError),  # not an integer
+        (dict(strategy="sample", top_k=-3), ValueError),
+        (dict(strategy="sample", top_p=1.1), ValueError),
+        (dict(strategy="sample", top_p=-0.1), ValueError),
+        (dict(strategy="sample", min_p=1.5), ValueError),
+        (dict(strategy="sample", min_p=-0.2), ValueError),
+        (dict(strategy="beam", num_beams=0), ValueError),
     ],
 )
-def test_bad_values_raise(make) -> None:
-    with pytest.raises(ValueError):
-        make()
+def test_bad_values_raise(params: dict, error: type) -> None:
+    with pytest.raises(error):
+        GenerationParams(**params)
+
+
+def test_temperature_zero_builds_no_temperature_processor() -> None:
+    """``Temperature(0)`` used to raise; at the boundary ``temperature=0`` means greedy."""
+    params = GenerationParams(strategy="sample", temperature=0.0, top_k=3)
+    assert not params.sampling
+    procs = build_logits_processors(prompt_len=3, temperature=params.temperature,
+                                    top_k=params.top_k, sampling=params.sampling)
+    assert procs == []
+
+
+def test_min_tokens_to_keep_is_at_least_one_by_construction() -> None:
+    """``min_tokens_to_keep`` is no user parameter: the builder only ever makes 1 or more."""
+    for num_beams, eos in [(1, []), (3, []), (3, [2, 5, 7])]:
+        procs = build_logits_processors(prompt_len=3, top_k=5, top_p=0.5, min_p=0.1,
+                                        eos_token_ids=eos, sampling=True, num_beams=num_beams)
+        assert min(p.min_tokens_to_keep for p in procs) >= 1
+
+
+def test_prompt_length_comes_from_a_checked_prompt() -> None:
+    """``MinNewTokens(prompt_len=-1)`` used to raise; the prompt length is a tensor's width,
+    and ``generate`` rejects an empty prompt."""
+    model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=10))
+    with pytest.raises(ValueError, match="at least one"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("top_p", [0, 0.0, -0.5, 1.01])
+def test_top_p_range_is_checked_once_with_one_message(top_p: float) -> None:
+    """top_p's range is (0, 1] at the boundary; the processor accepts what it is given."""
+    with pytest.raises(ValueError) as info:
+        GenerationParams(strategy="sample", top_p=top_p)
+    assert str(info.value) == f"top_p={float(top_p)!r} is out of range; expected 0 < top_p <= 1"
+    assert TopP(top_p)  # no second check, with another range, in the processor
 
 
 # --- stopping ---------------------------------------------------------------------------------
@@ -432,8 +475,9 @@ def test_eos_criterion() -> None:
     assert one.tolist() == [True, False, False, True, False]
     assert two.tolist() == [True, False, True, True, False]
     assert not EosCriterion([], "cpu")(tokens).any()
-    with pytest.raises(ValueError):
-        EosCriterion([-2], "cpu")
+    assert EosCriterion([2], "cpu")(tokens.view(1, 5)).tolist() == [one.tolist()]  # any shape
+    with pytest.raises(ValueError):  # a negative id: rejected at the boundary
+        GenerationParams(eos_token_ids=[-2])
 
 
 _TABLE = {0: "Hel", 1: "lo", 2: " wor", 3: "ld", 4: "\n", 5: "##", 6: "#", 7: "x" * 40,
@@ -485,26 +529,33 @@ def test_stop_strings_with_real_opt_tokenizer() -> None:
         first = next(n for n in range(1, len(ids) + 1) if stop in decode(ids[:n]))
         for n in range(1, first + 1):  # stepwise: False until the stop's last token
             assert finder.check([ids[:n]]) == [n == first], (stop, n)
-        assert finder.trim(decode(ids)) == text[: text.index(stop)]
+        assert cut_at_stop(decode(ids), finder.stops) == text[: text.index(stop)]
     # Several new tokens at once.
     finder = StopStrings(["日本語"], decode)
     where = next(n for n in range(1, len(ids) + 1) if "日本語" in decode(ids[:n]))
     assert finder.check([ids[: where + 3]], new_tokens=4) == [True]
 
 
-def test_trim() -> None:
-    stops = StopStrings(["\n\n", "###", "Q:"], _fake_decode)
-    assert stops.trim("answer\n\nQ: next") == "answer"
-    assert stops.trim("a Q: b ### c\n\n") == "a "
-    assert stops.trim("nothing here") == "nothing here"
-    assert stops.trim("###") == ""
-    assert stops.trim("") == ""
+def test_cut_at_stop() -> None:
+    stops = ["\n\n", "###", "Q:"]
+    assert cut_at_stop("answer\n\nQ: next", stops) == "answer"
+    assert cut_at_stop("a Q: b ### c\n\n", stops) == "a "
+    assert cut_at_stop("nothing here", stops) == "nothing here"
+    assert cut_at_stop("###", stops) == ""
+    assert cut_at_stop("", stops) == ""
 
 
-@pytest.mark.parametrize("bad", [[""], ["ok", ""], "stop", [3]])
-def test_bad_stop_strings_rejected(bad) -> None:
-    with pytest.raises(ValueError):
-        StopStrings(bad, _fake_decode)
+@pytest.mark.parametrize("bad, error", [([""], ValueError), (["ok", ""], ValueError),
+                                        ([3], TypeError)])
+def test_bad_stop_strings_rejected(bad, error: type) -> None:
+    """Checked where stop strings come in (StopStrings trusts them); [3] is a TypeError there."""
+    with pytest.raises(error):
+        GenerationParams(stop=bad)
+
+
+def test_one_stop_string_is_not_split_into_characters() -> None:
+    """``StopStrings("stop")`` used to raise; at the boundary one string is one stop string."""
+    assert GenerationParams(stop="stop").stop == ("stop",)
 
 
 @pytest.mark.parametrize(

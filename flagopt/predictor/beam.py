@@ -10,12 +10,16 @@ prompts run in one forward pass per step.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from flagopt.model.cache import KVCache
-from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult, length_reason
-from flagopt.predictor.params import GenerationParams
+from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult, length_reason, \
+    prefill_once_per_prompt
 from flagopt.predictor.processors import apply_processors
+
+if TYPE_CHECKING:  # params.py imports the strategy table, which imports this module
+    from flagopt.predictor.params import GenerationParams
 
 _NEG = -1.0e9  # the reference's "impossible" score; kept identical so ties break alike
 
@@ -45,22 +49,17 @@ class BeamChooser(Chooser):
         self.pool_done = torch.zeros(self.b, self.k, dtype=torch.bool, device=dev)
         self.pool_len = torch.zeros(self.b, self.k, dtype=torch.long, device=dev)
         self.improvable = torch.ones(self.b, 1, dtype=torch.bool, device=dev)
-        self.all_hit = torch.zeros((), dtype=torch.bool, device=dev)
         self.batch_offset = torch.arange(self.b, device=dev)[:, None] * self.k
 
     def prefill(self, state: DecodeState) -> torch.Tensor:
         """Run each prompt once and copy its cache into its beams' rows."""
-        t = state.prompt_len
-        first = slice(0, None, self.k)  # row 0 of each prompt's beams
-        small = KVCache.for_model(state.model.config, self.b, t, dtype=state.cache.k.dtype,
-                                  device=state.cache.k.device)
-        mask = None if state.mask is None else state.mask[first, :t]
-        logits = state.model(state.tokens[first, :t], attention_mask=mask, cache=small,
-                             logits_to_keep=1).logits[:, -1]
-        state.cache.copy_rows_from(small, self.k)
+        logits = prefill_once_per_prompt(state, self.k, lambda ids, mask, cache: state.model(
+            ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1])
         return logits.repeat_interleave(self.k, dim=0)
 
     def choose(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Every beam's next token (R,); all rows are done together, when no prompt's beams
+        can still improve its finished pool."""
         b, k, cur = self.b, self.k, state.length
         log_probs = logits.float().log_softmax(-1)
         if self.processors:
@@ -77,8 +76,10 @@ class BeamChooser(Chooser):
         self._update_pool(cand, top_lp, hits, cur + 1 - state.prompt_len)
         src = self._update_running(top_lp, hits, beam, cand, state)
         state.cache.reorder((src + self.batch_offset).view(-1))
-        self.all_hit = hits.all()
         self._update_improvable(cur + 1 - state.prompt_len, state.max_new)
+        # Beams never end one by one: the pool takes finished hypotheses instead.
+        open_beam = ~(self.pool_done.all() & (self.params.early_stopping is True))
+        state.done.fill_(~(self.improvable.any() & open_beam & ~hits.all()))
         return state.tokens[:, cur].clone()
 
     def _update_running(self, top_lp: torch.Tensor, hits: torch.Tensor, beam: torch.Tensor,
@@ -116,13 +117,6 @@ class BeamChooser(Chooser):
         best_running = self.running[:, :1] / (best_len ** p.length_penalty)
         worst_done = torch.where(self.pool_done, self.pool_scores.min(1, keepdim=True)[0], _NEG)
         self.improvable = self.improvable & (best_running > worst_done).any(-1, keepdim=True)
-
-    def after_append(self, next_tokens: torch.Tensor, state: DecodeState) -> None:
-        """Beams never end one by one: the pool takes finished hypotheses instead."""
-
-    def all_done(self, state: DecodeState) -> torch.Tensor:
-        open_beam = ~(self.pool_done.all() & (self.params.early_stopping is True))
-        return ~(self.improvable.any() & open_beam & ~self.all_hit)
 
     def result(self, state: DecodeState) -> GenerationResult:
         n = self.params.num_return_sequences

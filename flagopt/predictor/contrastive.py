@@ -12,12 +12,16 @@ so each step costs one forward pass of ``batch * top_k`` rows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from flagopt.model.cache import KVCache
-from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult
-from flagopt.predictor.params import GenerationParams
+from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult, \
+    prefill_once_per_prompt
 from flagopt.predictor.processors import apply_processors
+
+if TYPE_CHECKING:  # params.py imports the strategy table, which imports this module
+    from flagopt.predictor.params import GenerationParams
 
 
 class ContrastiveChooser(Chooser):
@@ -35,14 +39,11 @@ class ContrastiveChooser(Chooser):
         self.pending: torch.Tensor | None = None  # (B, V) logits of the chosen candidates
 
     def prefill(self, state: DecodeState) -> torch.Tensor:
+        """Run each prompt once into its ``top_k`` rows; keep its hidden states as context."""
         t, model = state.prompt_len, state.model
-        first = slice(0, None, self.k)
-        small = KVCache.for_model(model.config, self.b, t, dtype=state.cache.k.dtype,
-                                  device=state.cache.k.device)
-        mask = None if state.mask is None else state.mask[first, :t]
-        hidden = model.model(state.tokens[first, :t], attention_mask=mask,
-                             cache=small).last_hidden_state  # (B, T, E)
-        state.cache.copy_rows_from(small, self.k)
+        hidden = prefill_once_per_prompt(state, self.k, lambda ids, mask, cache: model.model(
+            ids, attention_mask=mask, cache=cache).last_hidden_state)  # (B, T, E)
+        mask = None if state.mask is None else state.mask[::self.k, :t]
         total = state.tokens.shape[1]
         self.context = hidden.new_zeros(self.b, total, hidden.shape[-1])
         self.context[:, :t] = hidden
@@ -72,7 +73,8 @@ class ContrastiveChooser(Chooser):
         step = cur - state.prompt_len
         done_first = state.done[::k]
         self.scores[:, step] = torch.where(done_first, 0.0, logp).repeat_interleave(k)
-        return torch.where(state.done, self.pad_id, nxt.repeat_interleave(k))
+        return self._finish(torch.where(state.done, self.pad_id, nxt.repeat_interleave(k)),
+                            state)
 
     def _apply(self, scores: torch.Tensor, state: DecodeState) -> torch.Tensor:
         return apply_processors(self.processors, state.history[::self.k, :state.length], scores)

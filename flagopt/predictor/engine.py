@@ -2,8 +2,9 @@
 
     prefill the prompt -> [choose next tokens -> append -> stop checks -> one-token forward]*
 
-The loop lives in ``decode_steps``. Strategies differ only in how they choose the next token
-(``Chooser`` subclasses here and in ``beam.py`` / ``contrastive.py``). Work stays on the
+The loop lives in ``decode_steps``. Strategies differ only in how they run the model and choose
+the next token (``Chooser`` subclasses here and in ``beam.py`` / ``contrastive.py``, listed in
+``strategies.py``). Work stays on the
 device: the only host synchronisation per step is the "are all rows done?" check (every step
 on CPU, every few steps on CUDA, where rows that are done just emit padding meanwhile) and,
 only when stop strings are given, decoding the newest text.
@@ -13,16 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
 
 from flagopt.errors import NonFiniteLogitsError
 from flagopt.model.cache import KVCache
-from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.processors import LogitsProcessor, apply_processors, \
     build_logits_processors, sample
 from flagopt.predictor.stopping import EosCriterion, StopStrings
+
+if TYPE_CHECKING:  # params.py imports the strategy table, which imports the choosers
+    from flagopt.predictor.params import GenerationParams
 
 PAD_HISTORY = -1  # "no token here" in the history processors see (left padding)
 
@@ -97,7 +101,12 @@ class DecodeState:
 
 
 class Chooser:
-    """Greedy or sampling choice of the next token, with the processors applied."""
+    """Greedy or sampling choice of the next token, with the processors applied.
+
+    The loop calls four methods, which are all a strategy may change: ``prefill`` (the
+    prompt's logits), ``choose`` (the next tokens; marks rows done), ``next_logits`` (the
+    logits after them) and ``result``.
+    """
 
     def __init__(self, params: GenerationParams, state: DecodeState, pad_id: int) -> None:
         self.params = params
@@ -117,19 +126,16 @@ class Chooser:
         """Run the prompt through the model; logits of its last position (R, V)."""
         return state.forward(state.tokens[:, :state.prompt_len])
 
-    def process(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    def choose(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Next token per row (R,), padding for rows already done; rows ending on EOS are
+        marked done."""
         scores = logits.float()
         if self.processors:
             scores = apply_processors(self.processors, state.history[:, :state.length], scores)
-        return scores
-
-    def choose(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        """Next token per row (R,), padding for rows already done."""
-        scores = self.process(logits, state)
         nxt = sample(scores, self.generator) if self.generator is not None \
             else scores.argmax(-1)
         self._record(scores, nxt, state)
-        return torch.where(state.done, self.pad_id, nxt)
+        return self._finish(torch.where(state.done, self.pad_id, nxt), state)
 
     def _record(self, scores: torch.Tensor, nxt: torch.Tensor, state: DecodeState) -> None:
         step = state.length - state.prompt_len
@@ -137,19 +143,19 @@ class Chooser:
         logp = scores.gather(1, nxt[:, None])[:, 0] - scores.logsumexp(-1)
         self.scores[:, step] = torch.where(state.done, 0.0, logp)
 
-    def after_append(self, next_tokens: torch.Tensor, state: DecodeState) -> None:
-        state.done |= self.eos(next_tokens)
+    def _finish(self, nxt: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        state.done |= self.eos(nxt)
+        return nxt
 
     def next_logits(self, next_tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Logits (R, V) after ``next_tokens`` (R,), which the loop just appended."""
         return state.forward(next_tokens[:, None])
 
-    def all_done(self, state: DecodeState) -> torch.Tensor:
-        return state.done.all()
-
     def result(self, state: DecodeState) -> GenerationResult:
+        """The ids, lengths, reasons and scores of every row."""
         new = state.tokens[:, state.prompt_len:state.length]
         n = new.shape[1]
-        finished_at = _first_true(torch.isin(new, self.eos._ids), n)  # index of EOS or n
+        finished_at = _first_true(self.eos(new), n)  # index of EOS or n
         counts = (finished_at + (finished_at < n).long()).clamp(max=n)
         limit = length_reason(self.params, state)
         reasons = [r or ("eos" if int(f) < n else limit)
@@ -166,6 +172,33 @@ class Chooser:
         token_scores = self.scores[:, :n].masked_fill(beyond, 0.0)
         return GenerationResult(seqs, state.prompt_len, counts_list, reasons,
                                 token_scores.sum(-1), token_scores)
+
+
+Out = TypeVar("Out")
+
+
+def prefill_once_per_prompt(state: DecodeState, k: int,
+                            run: Callable[[torch.Tensor, torch.Tensor | None, KVCache], Out]
+                            ) -> Out:
+    """Run each prompt once and copy its cache into its ``k`` rows (beams, candidates).
+
+    Args:
+        state: rows are prompt-major, ``k`` identical rows per prompt.
+        k: rows per prompt.
+        run: ``(input_ids (B, T), attention_mask (B, T) or None, cache of B rows) -> out``,
+            the model call on one row per prompt.
+
+    Returns:
+        What ``run`` returned, for B = rows / k prompts.
+    """
+    t, rows = state.prompt_len, state.tokens.shape[0]
+    first = slice(0, None, k)  # row 0 of each prompt's k rows
+    small = KVCache.for_model(state.model.config, rows // k, t, dtype=state.cache.k.dtype,
+                              device=state.cache.k.device)
+    mask = None if state.mask is None else state.mask[first, :t]
+    out = run(state.tokens[first, :t], mask, small)
+    state.cache.copy_rows_from(small, k)
+    return out
 
 
 def length_reason(params: GenerationParams, state: DecodeState) -> str:
@@ -275,12 +308,11 @@ def decode_steps(state: DecodeState, chooser: Chooser,
         _check_finite(logits, state)
         nxt = chooser.choose(logits, state)
         state.append(nxt)
-        chooser.after_append(nxt, state)
         if stop_strings is not None:
             _apply_stop_strings(stop_strings, state)
         yield nxt
         last = step == state.max_new - 1
-        if last or ((step + 1) % check_every == 0 and bool(chooser.all_done(state))):
+        if last or ((step + 1) % check_every == 0 and bool(state.done.all())):
             break
         logits = chooser.next_logits(nxt, state)
 

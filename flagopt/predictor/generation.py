@@ -12,22 +12,10 @@ from collections.abc import Callable, Generator
 import torch
 from torch import nn
 
-from flagopt.predictor.beam import BeamChooser
-from flagopt.predictor.contrastive import ContrastiveChooser
-from flagopt.predictor.engine import Chooser, GenerationResult, decode_steps, start_state
+from flagopt.predictor.engine import GenerationResult, decode_steps, start_state
 from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.stopping import StopStrings, max_new_tokens_allowed
-
-_CHOOSERS = {"greedy": Chooser, "sample": Chooser, "beam": BeamChooser,
-             "contrastive": ContrastiveChooser}
-
-
-def _rows_per_prompt(params: GenerationParams) -> int:
-    if params.strategy == "beam":
-        return params.num_beams
-    if params.strategy == "contrastive":
-        return params.top_k
-    return params.num_return_sequences  # sampling draws each return sequence in its own row
+from flagopt.predictor.strategies import STRATEGIES
 
 
 def check_inputs(model: nn.Module, input_ids: torch.Tensor,
@@ -71,15 +59,17 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
             on CUDA).
         compile: run the one-token steps through ``torch.compile`` (CUDA graphs on GPU);
             same results, less per-step overhead once compiled. The first call per batch
-            shape pays the compilation. Contrastive search always runs eagerly.
+            shape pays the compilation. Strategies that cannot compile (contrastive
+            search, see ``strategies.py``) run eagerly.
     """
     attention_mask = check_inputs(model, input_ids, attention_mask)
     max_new = max_new_tokens_allowed(input_ids.shape[1], params.max_new_tokens,
                                      model.config.max_position_embeddings)
     if max_new == 0:
         return _nothing(input_ids.repeat_interleave(params.num_return_sequences, 0))
+    strategy = STRATEGIES[params.strategy]
     stops = None
-    if params.stop and params.strategy != "beam":
+    if params.stop and strategy.stop_strings:
         if decode is None:
             raise ValueError("stop strings need a decode function (pass the tokenizer's)")
         stops = StopStrings(params.stop, decode)
@@ -87,9 +77,8 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
         check_every = 1 if input_ids.device.type == "cpu" else 4
     with torch.inference_mode():
         state = start_state(model, input_ids, attention_mask, max_new,
-                            _rows_per_prompt(params),
-                            compile=compile and params.strategy != "contrastive")
-        chooser = _CHOOSERS[params.strategy](params, state, model.config.pad_token_id)
+                            params.rows_per_prompt, compile=compile and strategy.compile)
+        chooser = strategy.chooser(params, state, model.config.pad_token_id)
         yield from decode_steps(state, chooser, stops, check_every)
         return chooser.result(state)
 

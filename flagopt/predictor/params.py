@@ -1,47 +1,101 @@
 """Generation parameters, validated once at the API boundary.
 
-Every check names the parameter, its value and the allowed range. Ints are accepted where
-floats are meant; booleans, NaN and infinity are rejected everywhere.
+``LIMITS`` is the one table of every parameter's type and range; ``GenerationParams`` checks
+its fields against it (and the strategy-dependent rules of ``strategies.py``) when it is made,
+and everything below (processors, stopping criteria, choosers) trusts the result. Every error
+names the parameter as the caller calls it, its value and the allowed range. Any
+``numbers.Integral`` is accepted where an integer is meant (also an integer-valued float) and
+any ``numbers.Real`` where a float is meant; booleans, NaN and infinity are rejected everywhere.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import InitVar, dataclass
 
-STRATEGIES = ("greedy", "sample", "beam", "contrastive")
+from flagopt.predictor.strategies import STRATEGIES
 
 
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+@dataclass(frozen=True)
+class Limit:
+    """One parameter's type (``int`` or ``float``) and range, as ``ok(value)`` and its words."""
+
+    kind: type
+    ok: Callable[[float], bool]
+    allowed: str
+
+
+LIMITS: dict[str, Limit] = {
+    "max_new_tokens": Limit(int, lambda v: v >= 1, "an integer >= 1"),
+    "input_max_length": Limit(int, lambda v: v >= 1, "an integer >= 1"),  # the Predictor's
+    "num_beams": Limit(int, lambda v: v >= 1, "an integer >= 1"),
+    "num_return_sequences": Limit(int, lambda v: v >= 1, "an integer >= 1"),
+    "top_k": Limit(int, lambda v: v >= 0, "an integer >= 0 (0 turns it off)"),
+    "no_repeat_ngram_size": Limit(int, lambda v: v >= 0, "an integer >= 0 (0 turns it off)"),
+    "min_new_tokens": Limit(int, lambda v: v >= 0, "an integer >= 0 (0 turns it off)"),
+    "seed": Limit(int, lambda v: 0 <= v < 2 ** 63, "0 <= seed < 2**63"),
+    "eos_token_ids": Limit(int, lambda v: v >= 0, "token ids >= 0"),  # each of them
+    "temperature": Limit(float, lambda v: v >= 0, ">= 0 (0 means greedy)"),
+    "top_p": Limit(float, lambda v: 0 < v <= 1, "0 < top_p <= 1"),
+    "min_p": Limit(float, lambda v: 0 <= v <= 1, "0 <= min_p <= 1"),
+    "repetition_penalty": Limit(float, lambda v: v > 0, "> 0 (1 is off)"),
+    "length_penalty": Limit(float, lambda v: True, "any finite number"),
+    "penalty_alpha": Limit(float, lambda v: 0 <= v <= 1, "0 <= penalty_alpha <= 1"),
+}
+
+
+def check(name: str, value: object, as_name: str | None = None) -> int | float:
+    """``value`` checked against ``LIMITS[name]`` and converted to its ``int`` or ``float``.
+
+    Args:
+        name: the parameter's entry in ``LIMITS``.
+        value: what the caller passed.
+        as_name: the caller's name for it in error messages (e.g. ``out_max_length``).
+
+    Raises:
+        TypeError: if ``value`` is not a number of the right kind (``bool`` never is).
+        ValueError: if it is NaN, infinite or outside the range.
+    """
+    limit, shown = LIMITS[name], as_name or name
+    number = _integer(shown, value) if limit.kind is int else _real(shown, value)
+    if not limit.ok(number):
+        raise ValueError(f"{shown}={number!r} is out of range; expected {limit.allowed}")
+    return number
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number!r}")
+    return number
 
 
 def _integer(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _check(name: str, value: float, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is out of range; expected {allowed}")
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) \
+            and float(value).is_integer():
+        return int(value)
+    raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Everything one ``generate`` call needs besides the prompts.
+    """Everything one ``generate`` call needs besides the prompts, validated when made.
 
     Strategies: ``greedy``; ``sample`` (temperature/top-k/top-p/min-p; ``temperature=0``
     turns it into greedy; ``num_return_sequences`` samples per prompt); ``beam``
     (``num_beams``, ``length_penalty``, ``early_stopping``, ``num_return_sequences``);
-    ``contrastive`` (``penalty_alpha``, ``top_k``).
+    ``contrastive`` (``penalty_alpha``, ``top_k``). See ``LIMITS`` for the ranges.
+    ``caller_names`` (not stored) renames fields in error messages, e.g.
+    ``{"max_new_tokens": "out_max_length"}`` for FlagAI's methods.
+
+    Raises:
+        TypeError / ValueError: on a bad value, naming the parameter, value and range.
     """
 
     max_new_tokens: int = 200
@@ -61,74 +115,69 @@ class GenerationParams:
     eos_token_ids: tuple[int, ...] = (2,)
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    extra: dict = field(default_factory=dict, compare=False)
+    caller_names: InitVar[Mapping[str, str] | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, caller_names: Mapping[str, str] | None) -> None:
+        self._verify_args(caller_names or {})
+
+    def _verify_args(self, names: Mapping[str, str]) -> None:
+        """Check and normalise every field (vLLM's ``SamplingParams._verify_args``)."""
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        shown = lambda name: names.get(name, name)  # noqa: E731
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy={self.strategy!r}; expected one of {STRATEGIES}")
-        for name in ("max_new_tokens", "num_beams", "num_return_sequences"):
-            value = _integer(name, getattr(self, name))
-            _check(name, value, value >= 1, "an integer >= 1")
-            set_(name, value)
-        for name in ("top_k", "no_repeat_ngram_size", "min_new_tokens"):
-            value = _integer(name, getattr(self, name))
-            _check(name, value, value >= 0, "an integer >= 0 (0 turns it off)")
-            set_(name, value)
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "length_penalty",
-                     "penalty_alpha"):
-            set_(name, _number(name, getattr(self, name)))
-        _check("temperature", self.temperature, self.temperature >= 0,
-               ">= 0 (0 means greedy)")
-        _check("top_p", self.top_p, 0 < self.top_p <= 1, "0 < top_p <= 1")
-        _check("min_p", self.min_p, 0 <= self.min_p <= 1, "0 <= min_p <= 1")
-        _check("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0,
-               "> 0 (1 is off)")
-        _check("penalty_alpha", self.penalty_alpha, 0 <= self.penalty_alpha <= 1,
-               "0 <= penalty_alpha <= 1")
-        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
-            raise ValueError(f"early_stopping={self.early_stopping!r}; expected True, False "
-                             f"or 'never'")
-        if self.strategy == "beam":
-            _check("num_return_sequences", self.num_return_sequences,
-                   self.num_return_sequences <= self.num_beams,
-                   f"between 1 and num_beams={self.num_beams}")
-        elif self.strategy != "sample":  # one deterministic answer per prompt
-            _check("num_return_sequences", self.num_return_sequences,
-                   self.num_return_sequences == 1,
-                   f"1 for strategy={self.strategy!r} (use 'sample' or 'beam' for more)")
-        if self.strategy == "contrastive":
-            _check("top_k", self.top_k, self.top_k >= 1, ">= 1 for contrastive search")
-        set_("eos_token_ids", _token_ids("eos_token_id", self.eos_token_ids))
-        set_("stop", _stops(self.stop))
+            raise ValueError(f"strategy={self.strategy!r}; expected one of "
+                             f"{tuple(STRATEGIES)}")
+        for name in ("max_new_tokens", "num_beams", "num_return_sequences", "top_k",
+                     "no_repeat_ngram_size", "min_new_tokens", "temperature", "top_p",
+                     "min_p", "repetition_penalty", "length_penalty", "penalty_alpha"):
+            set_(name, check(name, getattr(self, name), shown(name)))
         if self.seed is not None:
-            seed = _integer("seed", self.seed)
-            _check("seed", seed, 0 <= seed < 2 ** 63, "0 <= seed < 2**63")
-            set_("seed", seed)
+            set_("seed", check("seed", self.seed, shown("seed")))
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"{shown('early_stopping')}={self.early_stopping!r}; expected "
+                             f"True, False or 'never'")
+        set_("eos_token_ids", _token_ids(shown("eos_token_ids"), self.eos_token_ids))
+        set_("stop", _stops(shown("stop"), self.stop))
+        strategy = STRATEGIES[self.strategy]
+        rows_name, rows = strategy.rows_field, getattr(self, strategy.rows_field)
+        if rows < 1:
+            raise ValueError(f"{shown(rows_name)}={rows!r} is out of range; expected >= 1 for "
+                             f"strategy={self.strategy!r}")
+        n = self.num_return_sequences
+        if not strategy.many_returns and n != 1:
+            raise ValueError(f"{shown('num_return_sequences')}={n!r} is out of range; "
+                             f"expected 1 for strategy={self.strategy!r} (use 'sample' or "
+                             f"'beam' for more)")
+        if n > rows:
+            raise ValueError(f"{shown('num_return_sequences')}={n!r} is out of range; "
+                             f"expected between 1 and {shown(rows_name)}={rows}")
 
     @property
     def sampling(self) -> bool:
-        return self.strategy == "sample" and self.temperature > 0
+        """Whether the next token is drawn at random (``temperature=0`` samples greedily)."""
+        return STRATEGIES[self.strategy].samples and self.temperature > 0
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Cache rows each prompt decodes in (beams, contrastive candidates or samples)."""
+        return getattr(self, STRATEGIES[self.strategy].rows_field)
 
 
 def _token_ids(name: str, value: object) -> tuple[int, ...]:
     if value is None:
         return ()
-    items = [value] if isinstance(value, int) else value
+    items = [value] if isinstance(value, numbers.Integral) else value
     if not isinstance(items, Sequence) or isinstance(items, str):
         raise TypeError(f"{name} must be an int or a list of ints, got {value!r}")
-    out = tuple(_integer(name, v) for v in items)
-    for v in out:
-        _check(name, v, v >= 0, "token ids >= 0")
-    return out
+    return tuple(check("eos_token_ids", v, name) for v in items)
 
 
-def _stops(value: object) -> tuple[str, ...]:
+def _stops(name: str, value: object) -> tuple[str, ...]:
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, Sequence) or not all(isinstance(s, str) for s in items):
-        raise TypeError(f"stop must be a non-empty string or a list of them, got {value!r}")
+        raise TypeError(f"{name} must be a non-empty string or a list of them, got {value!r}")
     if not all(items):
-        raise ValueError(f"stop must be a non-empty string or a list of them, got {value!r}")
+        raise ValueError(f"{name} must be a non-empty string or a list of them, got {value!r}")
     return tuple(items)

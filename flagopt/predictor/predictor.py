@@ -1,10 +1,12 @@
 """Predictor: FlagAI's text-in, text-out generation methods over flagopt's engine.
 
-Each ``predict_generate_*`` method validates its parameters once, then delegates to
-``generate``, which tokenizes (left padding, truncation that keeps the last tokens), runs the
-decoding engine and decodes the continuation only, without special tokens. One prompt gives
-a string, a list gives a list. Strings returned are ``GeneratedText``: ordinary ``str`` that
-also say whether the prompt was truncated and why generation stopped.
+Each ``predict_generate_*`` method hands its parameters, under its own names, to
+``GenerationParams``, which validates them once (errors say ``out_max_length``, not
+``max_new_tokens``), then runs the path of ``generate``, which tokenizes (left padding,
+truncation that keeps the last tokens), runs the decoding engine and decodes the continuation
+only, without special tokens. One prompt gives a string, a list gives a list. Strings
+returned are ``GeneratedText``: ordinary ``str`` that also say whether the prompt was
+truncated and why generation stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from torch import nn
 
 from flagopt.predictor.engine import GenerationResult
 from flagopt.predictor.generation import drain, iter_generate
-from flagopt.predictor.params import GenerationParams, _integer
+from flagopt.predictor.params import GenerationParams, check
+from flagopt.predictor.stopping import cut_at_stop
+from flagopt.predictor.strategies import STRATEGIES
 from flagopt.tokenizer import OPTTokenizer
 
 logger = logging.getLogger(__name__)
@@ -30,6 +34,9 @@ _EXTRA = {"seed": "seed", "stop": "stop", "eos_token_id": "eos_token_ids",
           "no_repeat_ngram_size": "no_repeat_ngram_size", "min_new_tokens": "min_new_tokens",
           "min_p": "min_p", "length_penalty": "length_penalty",
           "early_stopping": "early_stopping", "repetition_penalty": "repetition_penalty"}
+# FlagAI's names of GenerationParams fields, for error messages.
+_FLAGAI_NAMES = {"max_new_tokens": "out_max_length", "num_beams": "beam_size",
+                 "eos_token_ids": "eos_token_id"}
 
 
 class GeneratedText(str):
@@ -103,7 +110,7 @@ class Predictor:
         min_new_tokens, min_p.
         """
         return self._texts(text, input_max_length, kwargs, strategy="sample",
-                           max_new_tokens=_positive("out_max_length", out_max_length),
+                           max_new_tokens=out_max_length,
                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                            temperature=temperature)
 
@@ -112,20 +119,15 @@ class Predictor:
                                     beam_size: int = 1, **kwargs) -> str | list:
         """Beam search (sum of log-probabilities; ``length_penalty``, ``early_stopping``,
         ``num_return_sequences`` up to ``beam_size``)."""
-        beam_size = _positive("beam_size", beam_size)
-        n = kwargs.get("num_return_sequences", 1)
-        if isinstance(n, int) and not isinstance(n, bool) and n > beam_size:
-            raise ValueError(f"num_return_sequences={n} is out of range; expected between 1 "
-                             f"and beam_size={beam_size}")
         return self._texts(text, input_max_length, kwargs, strategy="beam",
-                           max_new_tokens=_positive("out_max_length", out_max_length),
+                           max_new_tokens=out_max_length,
                            num_beams=beam_size)
 
     def predict_generate_greedy(self, text: str | Sequence[str], input_max_length: int = 256,
                                 out_max_length: int = 200, **kwargs) -> str | list:
         """The most likely token at every step (with optional penalties)."""
         return self._texts(text, input_max_length, kwargs, strategy="greedy",
-                           max_new_tokens=_positive("out_max_length", out_max_length))
+                           max_new_tokens=out_max_length)
 
     def predict_generate_contrastive_search(self, text: str | Sequence[str],
                                             input_max_length: int = 256,
@@ -145,7 +147,7 @@ class Predictor:
         """
         top_k = _candidate_count(beam_size, top_k)
         return self._texts(text, input_max_length, kwargs, strategy="contrastive",
-                           max_new_tokens=_positive("out_max_length", out_max_length),
+                           max_new_tokens=out_max_length,
                            top_k=top_k, penalty_alpha=penalty_alpha)
 
     # --- general forms -----------------------------------------------------------------------
@@ -157,14 +159,7 @@ class Predictor:
         ``params`` are ``GenerationParams`` fields (``strategy``, ``max_new_tokens``,
         ``top_k`` ...) plus the predict methods' extra names (``eos_token_id``).
         """
-        params = _rename_extras(params)
-        gen = GenerationParams(**params)
-        texts = _as_texts(text)
-        enc = self._encode(texts, input_max_length)
-        steps = iter_generate(self.model, enc.input_ids, enc.attention_mask, gen,
-                              decode=self.tokenizer.decode, compile=self.compile)
-        result = drain(steps)
-        return GenerateOutput(self._decode(result, enc.truncated, gen), result, enc.truncated)
+        return self._generate(_as_texts(text), input_max_length, _params(params))
 
     def stream(self, text: str, input_max_length: int = 256, **params) -> Iterator[str]:
         """Yield the continuation of one prompt as it is produced.
@@ -175,12 +170,11 @@ class Predictor:
         """
         if not isinstance(text, str):
             raise TypeError(f"stream takes one prompt (str), got {type(text).__name__}")
-        params = _rename_extras(params)
-        gen = GenerationParams(**params)
+        gen = _params(params)
         if gen.num_return_sequences != 1:
             raise ValueError("stream returns one sequence; use num_return_sequences=1")
-        if gen.strategy == "beam":
-            whole = str(self.generate(text, input_max_length, **params).texts[0])
+        if not STRATEGIES[gen.strategy].streaming:
+            whole = str(self._generate([text], input_max_length, gen).texts[0])
             if whole:  # like the other strategies, never an empty piece
                 yield whole
             return
@@ -198,14 +192,23 @@ class Predictor:
             raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; accepted "
                             f"extras: {', '.join(sorted(_EXTRA))}")
         params.update({_EXTRA[k]: v for k, v in kwargs.items()})
-        out = self.generate(text, input_max_length, **params)
+        out = self._generate(_as_texts(text), input_max_length,
+                             _params(params, _FLAGAI_NAMES))
         n = len(out.texts) // len(out.truncated)  # num_return_sequences
         rows = [out.texts[i:i + n] for i in range(0, len(out.texts), n)]
         per_prompt = [r[0] if n == 1 else r for r in rows]
         return per_prompt[0] if isinstance(text, str) else per_prompt
 
+    def _generate(self, texts: list[str], input_max_length: int, gen: GenerationParams
+                  ) -> GenerateOutput:
+        enc = self._encode(texts, input_max_length)
+        steps = iter_generate(self.model, enc.input_ids, enc.attention_mask, gen,
+                              decode=self.tokenizer.decode, compile=self.compile)
+        result = drain(steps)
+        return GenerateOutput(self._decode(result, enc.truncated, gen), result, enc.truncated)
+
     def _encode(self, texts: list[str], input_max_length: int):
-        input_max_length = _positive("input_max_length", input_max_length)
+        input_max_length = check("input_max_length", input_max_length)
         enc = self.tokenizer(texts, padding_side="left", max_length=input_max_length)
         if any(enc.truncated):
             logger.warning("prompt longer than input_max_length=%d tokens: kept its last "
@@ -220,7 +223,7 @@ class Predictor:
         for i, text in enumerate(texts):
             reason = result.finish_reasons[i]
             if gen.stop:
-                cut = _cut_at_stop(text, gen.stop)
+                cut = cut_at_stop(text, gen.stop)
                 reason = "stop" if len(cut) < len(text) or reason == "stop" else reason
                 text = cut
             out.append(GeneratedText(text, truncated[i // n], reason,
@@ -257,7 +260,7 @@ class _StopAwareStream:
 
     def _release(self, final: bool) -> tuple[str, bool]:
         if self.stops:
-            cut = _cut_at_stop(self.pending, self.stops)
+            cut = cut_at_stop(self.pending, self.stops)
             if len(cut) < len(self.pending):
                 self.pending = ""
                 return cut, True
@@ -267,27 +270,18 @@ class _StopAwareStream:
         return piece, False
 
 
-def _positive(name: str, value: object) -> int:
-    """``value`` as an integer >= 1, errors naming the caller's parameter (FlagAI's names)."""
-    value = _integer(name, value)
-    if value < 1:
-        raise ValueError(f"{name}={value!r} is out of range; expected an integer >= 1")
-    return value
-
-
 def _candidate_count(beam_size: object, top_k: object) -> object:
     """Contrastive search's candidate count from FlagAI's ``beam_size`` or ``top_k``."""
     if beam_size is not None and top_k is not None and beam_size != top_k:
         raise ValueError(f"beam_size={beam_size!r} and top_k={top_k!r} disagree; they name the "
                          f"same thing (contrastive search's candidate count): pass one of them")
     if beam_size is not None:
-        return _positive("beam_size", beam_size)
+        count = check("top_k", beam_size, as_name="beam_size")
+        if count < 1:
+            raise ValueError(f"beam_size={count!r} is out of range; expected >= 1 (contrastive "
+                             f"search's candidate count)")
+        return count
     return 4 if top_k is None else top_k
-
-
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[:min(hits)] if hits else text
 
 
 def _as_texts(text: str | Sequence[str]) -> list[str]:
@@ -299,11 +293,14 @@ def _as_texts(text: str | Sequence[str]) -> list[str]:
                     f"{type(text).__name__} {text!r:.80}")
 
 
-def _rename_extras(params: dict) -> dict:
-    params = dict(params)
+def _params(params: dict, names: dict[str, str] | None = None) -> GenerationParams:
+    """``GenerationParams`` from keyword arguments that may say ``eos_token_id``; errors name
+    fields as ``names`` (the caller's names) say."""
+    params, names = dict(params), dict(names or {})
     if "eos_token_id" in params:
         params["eos_token_ids"] = params.pop("eos_token_id")
-    return params
+        names["eos_token_ids"] = "eos_token_id"
+    return GenerationParams(**params, caller_names=names)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -5,9 +5,10 @@ Every processor is a callable ``(input_ids, scores) -> scores`` where ``input_id
 ``FloatTensor [B, V]``. A ``-1`` in ``input_ids`` means "no token here" (left padding) and is
 ignored by every processor, so a row's result never depends on how much padding it has.
 
-Each processor is the identity at its neutral value, is built once from validated parameters,
-and uses only vectorized torch ops (no loop over rows or vocabulary, no host synchronisation),
-so it can run every decoding step on any device and in any float dtype.
+Each processor is the identity at its neutral value, is built once from parameters that
+``GenerationParams`` has validated (the processors trust them and check nothing), and uses
+only vectorized torch ops (no loop over rows or vocabulary, no host synchronisation), so it
+can run every decoding step on any device and in any float dtype.
 
 The semantics follow Hugging Face transformers' ``generate``; see `build_logits_processors` for
 the order in which they are applied.
@@ -24,15 +25,6 @@ LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(input_ids: LongTensor [B, T], scores: FloatTensor [B, V]) -> FloatTensor [B, V]``."""
 
 _NEG_INF = -math.inf
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_min_tokens_to_keep(min_tokens_to_keep: int) -> None:
-    if not _is_int(min_tokens_to_keep) or min_tokens_to_keep < 1:
-        raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep!r}")
 
 
 def _token_mask(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -57,8 +49,6 @@ class RepetitionPenalty:
     """
 
     def __init__(self, penalty: float) -> None:
-        if not isinstance(penalty, (int, float)) or isinstance(penalty, bool) or not penalty > 0:
-            raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")
         self.penalty = float(penalty)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -77,8 +67,6 @@ class NoRepeatNGram:
     """
 
     def __init__(self, n: int) -> None:
-        if not _is_int(n) or n < 0:
-            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {n!r}")
         self.n = n
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -103,16 +91,9 @@ class MinNewTokens:
     """
 
     def __init__(self, prompt_len: int, min_new_tokens: int, eos_token_ids: Sequence[int]) -> None:
-        if not _is_int(prompt_len) or prompt_len < 0:
-            raise ValueError(f"prompt_len must be an integer >= 0, got {prompt_len!r}")
-        if not _is_int(min_new_tokens) or min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-        eos = tuple(eos_token_ids)
-        if not all(_is_int(i) and i >= 0 for i in eos):
-            raise ValueError(f"eos_token_ids must be integers >= 0, got {eos!r}")
         self.prompt_len = prompt_len
         self.min_new_tokens = min_new_tokens
-        self.eos_token_ids = eos
+        self.eos_token_ids = tuple(eos_token_ids)
         self._eos_mask: torch.Tensor | None = None  # (V,) bool, built on first use
 
     def _mask_like(self, scores: torch.Tensor) -> torch.Tensor:
@@ -133,14 +114,12 @@ class MinNewTokens:
 
 
 class Temperature:
-    """Divide scores by ``t``: ``t < 1`` sharpens, ``t > 1`` flattens. Neutral: ``t == 1.0``."""
+    """Divide scores by ``t``: ``t < 1`` sharpens, ``t > 1`` flattens. Neutral: ``t == 1.0``.
+
+    ``t > 0``: ``temperature=0`` means greedy, so no sampler (and no ``Temperature``) is built.
+    """
 
     def __init__(self, t: float) -> None:
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t < math.inf:
-            raise ValueError(
-                f"temperature must be a finite number > 0, got {t!r} (for greedy decoding, "
-                "do not sample)"
-            )
         self.t = float(t)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -155,9 +134,6 @@ class TopK:
     """
 
     def __init__(self, k: int, min_tokens_to_keep: int = 1) -> None:
-        if not _is_int(k) or k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {k!r}")
-        _check_min_tokens_to_keep(min_tokens_to_keep)
         self.k = k
         self.min_tokens_to_keep = min_tokens_to_keep
 
@@ -178,9 +154,6 @@ class TopP:
     """
 
     def __init__(self, p: float, min_tokens_to_keep: int = 1) -> None:
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"top_p must be a number in [0, 1], got {p!r}")
-        _check_min_tokens_to_keep(min_tokens_to_keep)
         self.p = float(p)
         self.min_tokens_to_keep = min_tokens_to_keep
 
@@ -204,9 +177,6 @@ class MinP:
     """
 
     def __init__(self, p: float, min_tokens_to_keep: int = 1) -> None:
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"min_p must be a number in [0, 1], got {p!r}")
-        _check_min_tokens_to_keep(min_tokens_to_keep)
         self.p = float(p)
         self.min_tokens_to_keep = min_tokens_to_keep
 
@@ -259,18 +229,14 @@ def build_logits_processors(
     Args:
         prompt_len: length ``T`` of the (left-padded) prompt batch.
         repetition_penalty, no_repeat_ngram_size, min_new_tokens, eos_token_ids, temperature,
-            top_k, top_p, min_p: as in the classes above.
+            top_k, top_p, min_p: as in the classes above, in ``GenerationParams``' ranges
+            (checked there, not here).
         sampling: whether the next token is sampled; warpers are built only then.
         num_beams: beams per prompt; only changes ``min_tokens_to_keep`` when sampling.
 
     Returns:
         The processors to give to `apply_processors`, possibly empty.
-
-    Raises:
-        ValueError: on an out-of-range parameter.
     """
-    if not _is_int(num_beams) or num_beams < 1:
-        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     processors: list[LogitsProcessor] = []
     if repetition_penalty != 1.0:
         processors.append(RepetitionPenalty(repetition_penalty))

@@ -20,21 +20,16 @@ class EosCriterion:
 
     def __init__(self, eos_token_ids: Sequence[int], device: torch.device | str) -> None:
         """Args:
-            eos_token_ids: the end-of-sequence ids (may be empty: nothing ever matches).
+            eos_token_ids: the end-of-sequence ids, validated by ``GenerationParams`` (may be
+                empty: nothing ever matches).
             device: where the new tokens will live.
-
-        Raises:
-            ValueError: if an id is not an integer >= 0.
         """
-        ids = tuple(eos_token_ids)
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise ValueError(f"eos_token_ids must be integers >= 0, got {ids!r}")
-        self.eos_token_ids = ids
-        self._ids = torch.tensor(ids, dtype=torch.long, device=device)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._ids = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
 
-    def __call__(self, new_tokens: torch.Tensor) -> torch.Tensor:
-        """Return BoolTensor ``[B]``: True where ``new_tokens`` ``[B]`` is an EOS id."""
-        return torch.isin(new_tokens, self._ids)
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """BoolTensor shaped like ``tokens`` (``[B]``, ``[B, N]`` ...): True at EOS ids."""
+        return torch.isin(tokens, self._ids)
 
 
 class StopStrings:
@@ -48,19 +43,11 @@ class StopStrings:
 
     def __init__(self, stops: Sequence[str], decode: Callable[[list[int]], str]) -> None:
         """Args:
-            stops: the stop strings (may be empty: nothing ever matches).
+            stops: the non-empty stop strings, as ``GenerationParams`` validated them (may be
+                empty: nothing ever matches).
             decode: turns token ids into text, e.g. a tokenizer's ``decode``.
-
-        Raises:
-            ValueError: if a stop string is empty or not a string.
         """
-        if isinstance(stops, str):
-            raise ValueError(f"stops must be a sequence of strings, not one string: {stops!r}")
-        stops = tuple(stops)
-        for stop in stops:
-            if not isinstance(stop, str) or not stop:
-                raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-        self.stops = stops
+        self.stops = tuple(stops)
         self._decode = decode
         self._longest = max((len(s) for s in stops), default=0)
 
@@ -115,10 +102,11 @@ class StopStrings:
                 return False
             width *= 2
 
-    def trim(self, text: str) -> str:
-        """Cut ``text`` at the first occurrence of any stop string (the stop string excluded)."""
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=len(text))
-        return text[:cut]
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any of ``stops`` (the stop string excluded)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(hits)] if hits else text
 
 
 def max_new_tokens_allowed(prompt_len: int, requested: int, max_positions: int) -> int:

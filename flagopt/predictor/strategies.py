@@ -1,0 +1,52 @@
+"""The decoding strategies: one table that says how each chooses and what it supports.
+
+``generate`` dispatches on it, ``GenerationParams`` checks the strategy-dependent rules with
+it, ``Predictor.stream`` asks it whether a strategy streams, and the CLI takes its choices
+from it. Nothing else names strategies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flagopt.predictor.beam import BeamChooser
+from flagopt.predictor.contrastive import ContrastiveChooser
+from flagopt.predictor.engine import Chooser
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One decoding strategy.
+
+    Attributes:
+        chooser: the ``Chooser`` class that picks its next tokens.
+        rows_field: the ``GenerationParams`` field giving each prompt's cache rows
+            (``num_return_sequences`` samples, ``num_beams`` beams, ``top_k`` candidates).
+        many_returns: ``num_return_sequences`` may exceed 1 (up to the rows per prompt).
+        samples: draws tokens at random (unless ``temperature=0``).
+        stop_strings: stop strings end rows while decoding (else the text is cut after).
+        compile: its one-token steps can run through ``torch.compile``.
+        streaming: ``Predictor.stream`` yields text as it is made (else all at the end).
+    """
+
+    chooser: type[Chooser]
+    rows_field: str
+    many_returns: bool
+    samples: bool
+    stop_strings: bool
+    compile: bool
+    streaming: bool
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "greedy": Strategy(Chooser, "num_return_sequences", many_returns=False, samples=False,
+                       stop_strings=True, compile=True, streaming=True),
+    "sample": Strategy(Chooser, "num_return_sequences", many_returns=True, samples=True,
+                       stop_strings=True, compile=True, streaming=True),
+    # Beams are re-ranked to the end: stop strings cut the final text, nothing streams.
+    "beam": Strategy(BeamChooser, "num_beams", many_returns=True, samples=False,
+                     stop_strings=False, compile=True, streaming=False),
+    # The candidates' forward pass returns hidden states: it runs eagerly.
+    "contrastive": Strategy(ContrastiveChooser, "top_k", many_returns=False, samples=False,
+                            stop_strings=True, compile=False, streaming=True),
+}
