@@ -34,6 +34,7 @@ from flagopt.model.heads import (OPTForCausalLM, OPTForQuestionAnswering,
                                  OPTForSequenceClassification)
 from flagopt.model.loading import load_pretrained
 from flagopt.model.synthetic import write_random_checkpoint
+from tests.conftest import Env
 from tests.hub_server import HubServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -109,11 +110,11 @@ def hub(zoo: Zoo) -> Iterator[HubServer]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _clean_env(env: Env, tmp_path: Path) -> None:
     for name in ("FLAGOPT_ENDPOINT", "FLAGOPT_OFFLINE", "FLAGOPT_REGISTRY", "HF_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("FLAGOPT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("FLAGOPT_DISABLE_PROGRESS", "1")
+        env.delenv(name, raising=False)
+    env.setenv("FLAGOPT_HOME", str(tmp_path / "home"))
+    env.setenv("FLAGOPT_DISABLE_PROGRESS", "1")
 
 
 def _load(zoo: Zoo, hub: HubServer, name: str, model_dir: Path | None, **kwargs) -> AutoLoader:
@@ -215,13 +216,13 @@ def test_registry_checksums_are_used(zoo: Zoo, hub: HubServer, tmp_path: Path) -
 
 @pytest.mark.parametrize("via_env", [False, True])
 def test_offline_with_a_missing_shard_names_it(zoo: Zoo, hub: HubServer, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
+                                               env: Env,
                                                via_env: bool) -> None:
     loader = _load(zoo, hub, "opt-6.7b-en", tmp_path)
     (loader.local_dir / SHARD_2).unlink()
     hub.clear_requests()
     if via_env:
-        monkeypatch.setenv("FLAGOPT_OFFLINE", "1")
+        env.setenv("FLAGOPT_OFFLINE", "1")
     with pytest.raises(OfflineError, match=SHARD_2) as info:
         _load(zoo, hub, "opt-6.7b-en", tmp_path, offline=not via_env)
     assert "pytorch_model-00001" not in str(info.value).replace(str(tmp_path), "")
@@ -350,7 +351,7 @@ def test_only_download_config_fetches_no_weights(zoo: Zoo, hub: HubServer, tmp_p
 
 
 def test_model_dir_layout_and_flagopt_home(zoo: Zoo, hub: HubServer, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                           env: Env) -> None:
     flagai = _load(zoo, hub, "opt-350m-en", tmp_path / "checkpoints")
     assert flagai.local_dir == tmp_path / "checkpoints" / "opt-350m-en"
     assert (flagai.local_dir / "pytorch_model.bin").is_file()
@@ -360,13 +361,13 @@ def test_model_dir_layout_and_flagopt_home(zoo: Zoo, hub: HubServer, tmp_path: P
     assert home.local_dir == tmp_path / "home" / "opt-350m-en" == flagopt_home() / "opt-350m-en"
     assert (home.local_dir / "pytorch_model.bin").is_file()
 
-    monkeypatch.delenv("FLAGOPT_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    env.delenv("FLAGOPT_HOME")
+    env.setenv("HOME", str(tmp_path / "user"))
     assert flagopt_home() == tmp_path / "user" / ".cache" / "flagopt"
 
 
 def test_flagopt_registry_env_adds_and_overrides(zoo: Zoo, hub: HubServer, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 env: Env) -> None:
     models = zoo.registry["models"]
     first = tmp_path / "first.json"
     first.write_text(json.dumps({"format_version": 1, "models": {
@@ -374,7 +375,7 @@ def test_flagopt_registry_env_adds_and_overrides(zoo: Zoo, hub: HubServer, tmp_p
     second = tmp_path / "second.json"
     second.write_text(json.dumps({"format_version": 1, "_comment": "later files win",
                                   "models": {"TINY-EXTRA-EN": models["opt-1.3b-en"]}}))
-    monkeypatch.setenv("FLAGOPT_REGISTRY", str(first))
+    env.setenv("FLAGOPT_REGISTRY", str(first))
     assert get_model_spec("opt-125m-en").repo == "test-org/opt-6.7b"  # overridden
     assert get_model_spec("opt-350m-en").repo == "facebook/opt-350m"  # untouched
     assert list_models()[:6] == SIX and list_models()[-1] == "tiny-extra-en"
@@ -384,13 +385,13 @@ def test_flagopt_registry_env_adds_and_overrides(zoo: Zoo, hub: HubServer, tmp_p
     torch.testing.assert_close(_logits(loader.get_model()),
                                _reference(zoo.source("test-org/opt-350m")), rtol=0, atol=0)
 
-    monkeypatch.setenv("FLAGOPT_REGISTRY", os.pathsep.join([str(first), str(second)]))
+    env.setenv("FLAGOPT_REGISTRY", os.pathsep.join([str(first), str(second)]))
     assert get_model_spec("tiny-extra-en").repo == "test-org/opt-1.3b"
     # A registry= argument comes last of all.
     override = {"format_version": 1, "models": {"tiny-extra-en": models["opt-125m-en"]}}
     assert get_model_spec("tiny-extra-en", registry=override).repo == "test-org/opt-125m"
 
-    monkeypatch.setenv("FLAGOPT_REGISTRY", str(tmp_path / "missing.json"))
+    env.setenv("FLAGOPT_REGISTRY", str(tmp_path / "missing.json"))
     with pytest.raises(RegistryError, match="missing.json"):
         list_models()
 
