@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from flagopt import hub as hub_module
-from flagopt.auto_model import (AutoLoader, download_model, flagopt_home, get_model_spec,
-                                list_models, load_registry, resolve_model)
+from flagopt.auto_model import (AutoLoader, config_for, download_model, flagopt_home,
+                                get_model_spec, list_models, load_registry, resolve_model)
 from flagopt.auto_model.registry import ModelSpec
 from flagopt.download import main as download_main
 from flagopt.errors import (ChecksumError, OfflineError, RegistryError, UnknownModelError,
@@ -646,3 +646,12 @@ def test_download_model_only_config(zoo: Zoo, hub: HubServer, tmp_path: Path) ->
     path = download_model("opt-6.7b-en", tmp_path, only_config=True, registry=zoo.registry,
                           endpoint=hub.endpoint, progress=False)
     assert sorted(p.name for p in path.iterdir()) == sorted(SMALL_FILES)
+
+
+def test_config_for_reads_the_registry_architecture(zoo: Zoo) -> None:
+    config = config_for("opt-350m-en", registry=zoo.registry)
+    assert config == OPTConfig(**{**TINY, **LAYOUTS["opt-350m-en"][1]})
+    with pytest.raises(RegistryError, match="'bare' has no 'architecture'"):
+        config_for("bare", registry={"format_version": 1, "models": {"bare": GOOD_ENTRY}})
+    with pytest.raises(UnknownModelError, match="opt-350m-en"):
+        config_for("opt-350-en")
