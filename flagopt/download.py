@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from flagopt.auto_model.auto_loader import download_model, flagopt_home
+from flagopt.auto_model.fetch import download_model, flagopt_home
 from flagopt.auto_model.registry import ModelSpec, load_registry, resolve_model
 from flagopt.errors import FlagOptError
 

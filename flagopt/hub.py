@@ -52,6 +52,7 @@ from flagopt.errors import (
     UnsafeURLError,
 )
 from flagopt.paths import safe_join
+from flagopt.settings import get as get_settings
 from flagopt.version import __version__
 
 __all__ = [
@@ -196,7 +197,7 @@ def get_endpoint(endpoint: str | None = None) -> str:
     Raises:
         UnsafeURLError: the URL is not plain http(s) with a host.
     """
-    value = endpoint if endpoint is not None else os.environ.get("FLAGOPT_ENDPOINT") or ""
+    value = endpoint if endpoint is not None else get_settings().endpoint or ""
     value = value or DEFAULT_ENDPOINT
     _check_http_url(value, "endpoint")
     return value.rstrip("/")
@@ -444,21 +445,14 @@ def _same_inode(fd: int, path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-OFFLINE_ENV = "FLAGOPT_OFFLINE"
-
-
 def is_offline(offline: bool = False) -> bool:
     """Whether the network is forbidden: ``offline=True`` or ``FLAGOPT_OFFLINE=1``."""
-    return bool(offline) or _env_flag(OFFLINE_ENV)
+    return bool(offline) or get_settings().offline
 
 
 def _check_disk_space(directory: Path, needed: int) -> None:
     """Raises InsufficientDiskSpaceError unless ``needed`` bytes fit (or the check is off)."""
-    if needed <= 0 or _env_flag("FLAGOPT_SKIP_DISK_CHECK"):
+    if needed <= 0 or get_settings().skip_disk_check:
         return
     free = shutil.disk_usage(directory).free
     if free < needed:
@@ -539,7 +533,7 @@ def download_file(
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    show = progress and not _env_flag("FLAGOPT_DISABLE_PROGRESS")
+    show = progress and not get_settings().disable_progress
     with contextlib.ExitStack() as stack:
         if session is None:
             session = stack.enter_context(_new_session())
@@ -844,7 +838,7 @@ def download_repo_files(
             f"{repo_id} missing from {local_dir}: {names}")
     if missing:
         base = get_endpoint(endpoint)
-        token = token or os.environ.get("HF_TOKEN") or None
+        token = token or get_settings().token
         with contextlib.ExitStack() as stack:
             if session is None:
                 session = stack.enter_context(_new_session())

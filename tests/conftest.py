@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from flagopt import settings
 from flagopt.model.config import OPTConfig
 
 TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
@@ -60,3 +63,28 @@ def one_thread():
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request) -> OPTConfig:
     return tiny_config(**VARIANTS[request.param])
+
+
+class Env:
+    """``monkeypatch.setenv``/``delenv`` that flagopt sees: flagopt reads the environment once
+    (``flagopt.settings``), so each change re-reads it; the monkeypatch undoes both."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._monkeypatch = monkeypatch
+
+    def setenv(self, name: str, value: str) -> None:
+        self._monkeypatch.setenv(name, value)
+        self._refresh()
+
+    def delenv(self, name: str, raising: bool = True) -> None:
+        self._monkeypatch.delenv(name, raising=raising)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._monkeypatch.setattr(settings, "_current", settings.Settings.from_environ(os.environ))
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> Env:
+    """Change environment variables for one test, as flagopt's settings see them."""
+    return Env(monkeypatch)

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from flagopt import hub as hub_module
-from flagopt.auto_model import (AutoLoader, download_model, flagopt_home, get_model_spec,
-                                list_models, load_registry, resolve_model)
+from flagopt.auto_model import (AutoLoader, config_for, download_model, flagopt_home,
+                                get_model_spec, list_models, load_registry, resolve_model)
 from flagopt.auto_model.registry import ModelSpec
 from flagopt.download import main as download_main
 from flagopt.errors import (ChecksumError, OfflineError, RegistryError, UnknownModelError,
@@ -34,6 +34,7 @@ from flagopt.model.heads import (OPTForCausalLM, OPTForQuestionAnswering,
                                  OPTForSequenceClassification)
 from flagopt.model.loading import load_pretrained
 from flagopt.model.synthetic import write_random_checkpoint
+from tests.conftest import Env
 from tests.hub_server import HubServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -110,11 +111,11 @@ def hub(zoo: Zoo) -> Iterator[HubServer]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _clean_env(env: Env, tmp_path: Path) -> None:
     for name in ("FLAGOPT_ENDPOINT", "FLAGOPT_OFFLINE", "FLAGOPT_REGISTRY", "HF_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("FLAGOPT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("FLAGOPT_DISABLE_PROGRESS", "1")
+        env.delenv(name, raising=False)
+    env.setenv("FLAGOPT_HOME", str(tmp_path / "home"))
+    env.setenv("FLAGOPT_DISABLE_PROGRESS", "1")
 
 
 def _load(zoo: Zoo, hub: HubServer, name: str, model_dir: Path | None, **kwargs) -> AutoLoader:
@@ -216,13 +217,13 @@ def test_registry_checksums_are_used(zoo: Zoo, hub: HubServer, tmp_path: Path) -
 
 @pytest.mark.parametrize("via_env", [False, True])
 def test_offline_with_a_missing_shard_names_it(zoo: Zoo, hub: HubServer, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
+                                               env: Env,
                                                via_env: bool) -> None:
     loader = _load(zoo, hub, "opt-6.7b-en", tmp_path)
     (loader.local_dir / SHARD_2).unlink()
     hub.clear_requests()
     if via_env:
-        monkeypatch.setenv("FLAGOPT_OFFLINE", "1")
+        env.setenv("FLAGOPT_OFFLINE", "1")
     with pytest.raises(OfflineError, match=SHARD_2) as info:
         _load(zoo, hub, "opt-6.7b-en", tmp_path, offline=not via_env)
     assert "pytorch_model-00001" not in str(info.value).replace(str(tmp_path), "")
@@ -351,7 +352,7 @@ def test_only_download_config_fetches_no_weights(zoo: Zoo, hub: HubServer, tmp_p
 
 
 def test_model_dir_layout_and_flagopt_home(zoo: Zoo, hub: HubServer, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                           env: Env) -> None:
     flagai = _load(zoo, hub, "opt-350m-en", tmp_path / "checkpoints")
     assert flagai.local_dir == tmp_path / "checkpoints" / "opt-350m-en"
     assert (flagai.local_dir / "pytorch_model.bin").is_file()
@@ -361,13 +362,13 @@ def test_model_dir_layout_and_flagopt_home(zoo: Zoo, hub: HubServer, tmp_path: P
     assert home.local_dir == tmp_path / "home" / "opt-350m-en" == flagopt_home() / "opt-350m-en"
     assert (home.local_dir / "pytorch_model.bin").is_file()
 
-    monkeypatch.delenv("FLAGOPT_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    env.delenv("FLAGOPT_HOME")
+    env.setenv("HOME", str(tmp_path / "user"))
     assert flagopt_home() == tmp_path / "user" / ".cache" / "flagopt"
 
 
 def test_flagopt_registry_env_adds_and_overrides(zoo: Zoo, hub: HubServer, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 env: Env) -> None:
     models = zoo.registry["models"]
     first = tmp_path / "first.json"
     first.write_text(json.dumps({"format_version": 1, "models": {
@@ -375,7 +376,7 @@ def test_flagopt_registry_env_adds_and_overrides(zoo: Zoo, hub: HubServer, tmp_p
     second = tmp_path / "second.json"
     second.write_text(json.dumps({"format_version": 1, "_comment": "later files win",
                                   "models": {"TINY-EXTRA-EN": models["opt-1.3b-en"]}}))
-    monkeypatch.setenv("FLAGOPT_REGISTRY", str(first))
+    env.setenv("FLAGOPT_REGISTRY", str(first))
     assert get_model_spec("opt-125m-en").repo == "test-org/opt-6.7b"  # overridden
     assert get_model_spec("opt-350m-en").repo == "facebook/opt-350m"  # untouched
     assert list_models()[:6] == SIX and list_models()[-1] == "tiny-extra-en"
@@ -385,13 +386,13 @@ def test_flagopt_registry_env_adds_and_overrides(zoo: Zoo, hub: HubServer, tmp_p
     torch.testing.assert_close(_logits(loader.get_model()),
                                _reference(zoo.source("test-org/opt-350m")), rtol=0, atol=0)
 
-    monkeypatch.setenv("FLAGOPT_REGISTRY", os.pathsep.join([str(first), str(second)]))
+    env.setenv("FLAGOPT_REGISTRY", os.pathsep.join([str(first), str(second)]))
     assert get_model_spec("tiny-extra-en").repo == "test-org/opt-1.3b"
     # A registry= argument comes last of all.
     override = {"format_version": 1, "models": {"tiny-extra-en": models["opt-125m-en"]}}
     assert get_model_spec("tiny-extra-en", registry=override).repo == "test-org/opt-125m"
 
-    monkeypatch.setenv("FLAGOPT_REGISTRY", str(tmp_path / "missing.json"))
+    env.setenv("FLAGOPT_REGISTRY", str(tmp_path / "missing.json"))
     with pytest.raises(RegistryError, match="missing.json"):
         list_models()
 
@@ -646,3 +647,12 @@ def test_download_model_only_config(zoo: Zoo, hub: HubServer, tmp_path: Path) ->
     path = download_model("opt-6.7b-en", tmp_path, only_config=True, registry=zoo.registry,
                           endpoint=hub.endpoint, progress=False)
     assert sorted(p.name for p in path.iterdir()) == sorted(SMALL_FILES)
+
+
+def test_config_for_reads_the_registry_architecture(zoo: Zoo) -> None:
+    config = config_for("opt-350m-en", registry=zoo.registry)
+    assert config == OPTConfig(**{**TINY, **LAYOUTS["opt-350m-en"][1]})
+    with pytest.raises(RegistryError, match="'bare' has no 'architecture'"):
+        config_for("bare", registry={"format_version": 1, "models": {"bare": GOOD_ENTRY}})
+    with pytest.raises(UnknownModelError, match="opt-350m-en"):
+        config_for("opt-350-en")

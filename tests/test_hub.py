@@ -35,6 +35,7 @@ from flagopt.errors import (
     UnsafePathError,
     UnsafeURLError,
 )
+from tests.conftest import Env
 from tests.hub_server import (  # noqa: F401 - hub_server_fixture provides `hub_server`
     FAKE_COMMIT,
     HubServer,
@@ -66,10 +67,10 @@ def _sha(data: bytes) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_env(env: Env) -> None:
     for name in ("FLAGOPT_ENDPOINT", "FLAGOPT_OFFLINE", "FLAGOPT_DISABLE_PROGRESS",
                  "FLAGOPT_SKIP_DISK_CHECK", "HF_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+        env.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -111,17 +112,17 @@ def test_hub_url_quotes_each_part() -> None:
 
 @pytest.mark.parametrize("endpoint", ["file:///etc", "ftp://hub.example", "hub.example",
                                       "javascript:alert(1)", "http://"])
-def test_non_http_endpoint_refused(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_http_endpoint_refused(endpoint: str, env: Env) -> None:
     with pytest.raises(UnsafeURLError, match="refusing endpoint"):
         hub.get_endpoint(endpoint)
-    monkeypatch.setenv("FLAGOPT_ENDPOINT", endpoint)
+    env.setenv("FLAGOPT_ENDPOINT", endpoint)
     with pytest.raises(UnsafeURLError):
         hub.get_endpoint()
 
 
-def test_endpoint_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_endpoint_precedence(env: Env) -> None:
     assert hub.get_endpoint() == hub.DEFAULT_ENDPOINT
-    monkeypatch.setenv("FLAGOPT_ENDPOINT", "http://mirror.example:8080/")
+    env.setenv("FLAGOPT_ENDPOINT", "http://mirror.example:8080/")
     assert hub.get_endpoint() == "http://mirror.example:8080"
     assert hub.get_endpoint("https://arg.example") == "https://arg.example"
 
@@ -184,11 +185,11 @@ def test_registry_disagreeing_with_server_fails_before_get(hub_server: HubServer
 
 @pytest.mark.parametrize("via_env", [False, True])
 def test_offline_names_exactly_the_missing_files(hub_server: HubServer, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 env: Env,
                                                  via_env: bool) -> None:
     (tmp_path / CONFIG).write_text("{}")
     if via_env:
-        monkeypatch.setenv("FLAGOPT_OFFLINE", "1")
+        env.setenv("FLAGOPT_OFFLINE", "1")
     with pytest.raises(OfflineError) as info:
         hub.download_repo_files(REPO, [CONFIG, WEIGHTS, "vocab.json"], tmp_path,
                                 endpoint=hub_server.endpoint, offline=not via_env)
@@ -207,8 +208,8 @@ def test_escaping_file_names_refused(hub_server: HubServer, tmp_path: Path, name
 
 
 def test_hf_token_from_env_goes_to_the_hub(hub_server: HubServer, config: bytes, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_TOKEN", "hf_env_token")
+                                           env: Env) -> None:
+    env.setenv("HF_TOKEN", "hf_env_token")
     hub.download_repo_files(REPO, [CONFIG], tmp_path, endpoint=hub_server.endpoint,
                             progress=False)
     assert {r.header("Authorization") for r in hub_server.requests} == {"Bearer hf_env_token"}
@@ -226,13 +227,13 @@ def test_user_agent(hub_server: HubServer, config: bytes, tmp_path: Path) -> Non
 
 def test_progress_bar_shown_and_silenced(hub_server: HubServer, weights: bytes, tmp_path: Path,
                                          capsys: pytest.CaptureFixture,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                         env: Env) -> None:
     url = hub_server.url(REPO, WEIGHTS)
     hub.download_file(url, tmp_path / "a" / WEIGHTS, progress=True)
     out, err = capsys.readouterr()
     assert out == "" and WEIGHTS in err and "B/s" in err and "256k" in err
     hub.download_file(url, tmp_path / "b" / WEIGHTS, progress=False)
-    monkeypatch.setenv("FLAGOPT_DISABLE_PROGRESS", "1")
+    env.setenv("FLAGOPT_DISABLE_PROGRESS", "1")
     hub.download_file(url, tmp_path / "c" / WEIGHTS, progress=True)
     assert capsys.readouterr() == ("", "")
 
@@ -525,7 +526,7 @@ def test_lock_timeout_names_the_lock(hub_server: HubServer, weights: bytes,
 
 
 def test_disk_check_before_any_get(hub_server: HubServer, weights: bytes, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                   monkeypatch: pytest.MonkeyPatch, env: Env) -> None:
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(InsufficientDiskSpaceError) as info:
@@ -534,7 +535,7 @@ def test_disk_check_before_any_get(hub_server: HubServer, weights: bytes, tmp_pa
     assert f"need {len(weights)} bytes" in message and "1000 free" in message
     assert str(tmp_path) in message
     assert [r.method for r in hub_server.requests] == ["HEAD"]
-    monkeypatch.setenv("FLAGOPT_SKIP_DISK_CHECK", "1")
+    env.setenv("FLAGOPT_SKIP_DISK_CHECK", "1")
     path = hub.download_file(hub_server.url(REPO, WEIGHTS), tmp_path / WEIGHTS, **FAST)
     assert _sha(path.read_bytes()) == _sha(weights)
 
@@ -577,7 +578,7 @@ def test_disk_filling_mid_write_simulated(hub_server: HubServer, weights: bytes,
 
 
 def test_disk_filling_mid_write_real_tmpfs(hub_server: HubServer, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                           env: Env) -> None:
     mnt = tmp_path / "small-disk"
     mnt.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
@@ -595,7 +596,7 @@ def test_disk_filling_mid_write_real_tmpfs(hub_server: HubServer, tmp_path: Path
         with pytest.raises(InsufficientDiskSpaceError, match="not enough disk space"):
             hub.download_file(url, mnt / WEIGHTS, **FAST)  # the up-front check
         assert _cdn_gets(hub_server) == []
-        monkeypatch.setenv("FLAGOPT_SKIP_DISK_CHECK", "1")  # as if the mount misreported
+        env.setenv("FLAGOPT_SKIP_DISK_CHECK", "1")  # as if the mount misreported
         with pytest.raises(InsufficientDiskSpaceError, match="disk full while writing"):
             hub.download_file(url, mnt / WEIGHTS, **FAST)
         assert sorted(p.name for p in mnt.iterdir()) == ["config.json"]

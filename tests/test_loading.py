@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from flagopt.errors import (CheckpointError, CorruptCheckpointError, MissingWeightsError,
                             ShapeMismatchError, UnsafeCheckpointError, UnsafePathError)
 from flagopt.model import loading
-from flagopt.model.checkpoint import iter_tensors
+from flagopt.model.checkpoint import find_weight_files, iter_tensors, read_index
 from flagopt.model.config import OPTConfig
 from flagopt.model.decoder import OPTModel
 from flagopt.model.heads import (OPTForCausalLM, OPTForQuestionAnswering,
@@ -706,3 +706,50 @@ def test_peak_memory_is_one_copy(memory_checkpoints, fmt: str, stored: str, targ
     # One copy plus one tensor measures 1.01-1.10x here; keeping the mapped source pages of
     # converted tensors (two copies) measured 1.51x (fp16->fp32) and 3.0x (fp32->fp16).
     assert 0.8 * weights < peak < 1.3 * weights, (peak, weights)
+
+
+# ---- fresh weights: one initialiser, randomness as an argument ---------------------------------
+
+
+def test_fresh_model_follows_its_generator() -> None:
+    config = tiny_config()
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = loading.fresh_model(OPTForCausalLM, config, dtype=torch.float32, device="cpu",
+                            generator=g())
+    b = loading.fresh_model(OPTForCausalLM, config, dtype=torch.bfloat16, device="cpu",
+                            generator=g())
+    c = loading.fresh_model(OPTForCausalLM, config, dtype=torch.float32, device="cpu",
+                            generator=torch.Generator().manual_seed(4))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert pb.dtype == torch.bfloat16  # same draws, converted after
+        torch.testing.assert_close(pa.bfloat16(), pb, rtol=0, atol=0, msg=name)
+    assert not torch.equal(a.model.decoder.embed_tokens.weight,
+                           c.model.decoder.embed_tokens.weight)
+    embed = a.model.decoder.embed_tokens
+    assert torch.equal(embed.weight[config.pad_token_id], torch.zeros(config.hidden_size))
+    assert a.lm_head.weight is embed.weight and not a.training
+    ln = a.model.decoder.layers[0].final_layer_norm
+    assert torch.equal(ln.weight, torch.ones_like(ln.weight)) and not ln.bias.any()
+
+
+def test_fresh_heads_use_the_same_initialiser(tmp_path: Path) -> None:
+    config = tiny_config()
+    write_bin(tmp_path, config, hf_state(reference(config)))
+    torch.manual_seed(5)
+    model = load_pretrained(tmp_path, OPTForQuestionAnswering)
+    torch.manual_seed(5)
+    fresh = loading.fresh_tensor(model, "qa_outputs.weight", model.qa_outputs.weight.shape,
+                                 dtype=torch.float32, device="cpu")
+    assert torch.equal(model.qa_outputs.weight, fresh)
+    assert not model.qa_outputs.bias.any()
+
+
+def test_read_index_names_shards_before_they_exist(tmp_path: Path) -> None:
+    index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s-2.bin", "b": "s-1.bin", "c": "s-2.bin"}}))
+    assert read_index(index) == ["s-2.bin", "s-1.bin"]  # what the download side fetches
+    with pytest.raises(MissingWeightsError, match="s-2.bin, s-1.bin"):
+        find_weight_files(tmp_path)  # what the load side needs present
+    index.write_text(json.dumps({"weight_map": {"a": "../outside.bin"}}))
+    with pytest.raises(UnsafePathError):
+        read_index(index)

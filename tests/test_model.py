@@ -296,12 +296,13 @@ def test_malformed_config_json(tmp_path) -> None:
         OPTConfig.from_dict({"model_type": "gpt2"})
 
 
-def test_config_from_name_uses_the_registry() -> None:
+def test_config_for_a_zoo_name_uses_the_registry() -> None:
+    from flagopt.auto_model.registry import config_for
     from flagopt.errors import UnknownModelError
 
-    config = OPTConfig.from_name("OPT-350M-EN")
+    config = config_for("OPT-350M-EN")
     assert (config.hidden_size, config.word_embed_proj_dim) == (1024, 512)
     assert not config.do_layer_norm_before and not config.has_final_layer_norm
-    assert OPTConfig.from_name("opt-13b-en").num_parameters > 12e9
+    assert config_for("opt-13b-en").num_parameters > 12e9
     with pytest.raises(UnknownModelError, match="opt-125m-en"):
-        OPTConfig.from_name("opt-125-en")
+        config_for("opt-125-en")

@@ -4,7 +4,7 @@
     model, tokenizer = loader.get_model(), loader.get_tokenizer()
 
 Four steps, one helper each: resolve the name (``registry.resolve_model``), download what is
-missing (``download_model``), read the config, build and load the model (``_build_model``).
+missing (``fetch.fetch_model``), read the config, build and load the model (``_build_model``).
 Files live in ``model_dir/<name>/`` when ``model_dir`` is given (FlagAI's layout), else in
 ``$FLAGOPT_HOME/<name>/`` (default ``~/.cache/flagopt``); a hub repo id's directory is
 ``owner--name[@revision]``. When every file is present no network request is made.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -25,26 +24,19 @@ import torch
 from torch import nn
 
 from flagopt import hub
-from flagopt.auto_model.registry import (ModelSpec, RegistrySource, probe_weight_files,
-                                         resolve_model)
-from flagopt.errors import (CheckpointError, CorruptCheckpointError, EntryNotFoundError,
-                            OfflineError, UnknownTaskError)
-from flagopt.model.checkpoint import find_weight_files
+from flagopt.auto_model.fetch import FetchOptions, fetch_model
+from flagopt.auto_model.registry import ModelSpec, RegistrySource, resolve_model
+from flagopt.errors import UnknownTaskError
 from flagopt.model.config import OPTConfig
 from flagopt.model.decoder import ATTENTION_IMPLEMENTATIONS
 from flagopt.model.heads import TASK_CLASSES
-from flagopt.model.loading import load_pretrained
-from flagopt.paths import safe_join
+from flagopt.model.loading import fresh_model, load_pretrained
 from flagopt.tokenizer import OPTTokenizer
 
-__all__ = ["AutoLoader", "DTYPES", "TASKS", "FetchOptions", "LoadOptions", "download_model",
-           "flagopt_home", "fresh_model", "model_local_dir", "resolve_device", "resolve_dtype",
+__all__ = ["AutoLoader", "DTYPES", "TASKS", "LoadOptions", "resolve_device", "resolve_dtype",
            "resolve_task"]
 
 logger = logging.getLogger(__name__)
-
-HOME_ENV = "FLAGOPT_HOME"
-DEFAULT_HOME = "~/.cache/flagopt"
 
 TASKS: dict[str, type[nn.Module]] = dict(TASK_CLASSES)  # "lm", "classification", "qa"
 TASK_ALIASES = {"seq_cls": "classification", "cls": "classification"}
@@ -57,22 +49,6 @@ IGNORED_KWARGS = ("use_cache", "checkpoint_activations")
 OPTION_KWARGS = ("dtype", "torch_dtype", "fp16", "num_labels", "class_num",
                  "attn_implementation", "quantize", "registry", "endpoint", "offline",
                  "progress", "token")
-
-# Hub-repo form: fetched when the repo has them (a 404 is fine); config.json comes last, so its
-# presence means the small files are done.
-_OPTIONAL_FILES = ("generation_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "tokenizer_config.json")
-
-
-@dataclass(frozen=True)
-class FetchOptions:
-    """How files are fetched: passed through to ``hub.download_repo_files``."""
-
-    endpoint: str | None = None
-    token: str | None = None
-    offline: bool = False
-    progress: bool = True
-
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -127,7 +103,8 @@ class AutoLoader:
                  device: str | torch.device | None = None, **kwargs: Any) -> None:
         self.options = _parse_options(task_name, device, kwargs)
         self.target = resolve_model(model_name, registry=self.options.registry)
-        self.local_dir = _fetch(self.target, model_dir, only_download_config, self.options.fetch)
+        self.local_dir = fetch_model(self.target, model_dir, only_download_config,
+                                     self.options.fetch)
         self.config = self._read_config()
         self.model = self._build_model(only_download_config)
 
@@ -342,127 +319,7 @@ def _num_labels(kwargs: dict[str, Any], task: str) -> int | None:
     return next(iter(given.values()))
 
 
-# --- files ----------------------------------------------------------------------------------------
-
-
-def flagopt_home() -> Path:
-    """Where models go without ``model_dir``: ``$FLAGOPT_HOME``, else ``~/.cache/flagopt``."""
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
-
-
-def model_local_dir(spec: ModelSpec, model_dir: str | os.PathLike | None = None) -> Path:
-    """``model_dir/<dirname>``, or ``$FLAGOPT_HOME/<dirname>`` (see ``ModelSpec.dirname``)."""
-    base = Path(model_dir).expanduser() if model_dir is not None else flagopt_home()
-    return safe_join(base, spec.dirname)
-
-
-def download_model(model_name: str | os.PathLike, model_dir: str | os.PathLike | None = None,
-                   *, only_config: bool = False, registry: RegistrySource | None = None,
-                   endpoint: str | None = None, token: str | None = None,
-                   offline: bool = False, progress: bool = True) -> Path:
-    """Make a model's files present locally, downloading only what is missing.
-
-    Args:
-        model_name: a registry name, hub repo id ``owner/name[@revision]`` or local directory.
-        model_dir: parent directory (FlagAI layout); default ``flagopt_home()``.
-        only_config: config and tokenizer files only, no weights.
-        registry, endpoint, token, offline, progress: as for ``AutoLoader``.
-
-    Returns:
-        The directory holding the files (a local directory is returned as it is).
-
-    Raises:
-        UnknownModelError, RegistryError: a bad name or registry.
-        OfflineError: files are missing and the network is off. DownloadError and
-            subclasses, CheckpointError: fetching failed.
-    """
-    if endpoint is not None:
-        endpoint = hub.get_endpoint(endpoint)
-    options = FetchOptions(endpoint=endpoint, token=token,
-                           offline=hub.is_offline(offline), progress=progress)
-    return _fetch(resolve_model(model_name, registry=registry), model_dir, only_config, options)
-
-
-def _fetch(target: ModelSpec | Path, model_dir: str | os.PathLike | None, only_config: bool,
-           options: FetchOptions) -> Path:
-    if isinstance(target, Path):
-        if model_dir is not None:
-            logger.debug("model_dir is not used for the local directory %s", target)
-        return target
-    local_dir = model_local_dir(target, model_dir)
-    if target.needs_probe:
-        _fetch_hub_repo(target, local_dir, only_config, options)
-    else:
-        files = target.config_files if only_config else target.files
-        hub.download_repo_files(target.repo, files, local_dir, endpoint=options.endpoint,
-                                revision=target.revision, expected=target.expected(),
-                                token=options.token, progress=options.progress,
-                                offline=options.offline)
-    return local_dir
-
-
-def _fetch_hub_repo(spec: ModelSpec, local_dir: Path, only_config: bool,
-                    options: FetchOptions) -> None:
-    """A hub repo id: small files if the repo has them, config.json, then the weights found by
-    probing (an index is fetched first, then its shards). Nothing is asked when complete."""
-    missing = _missing_from(local_dir, only_config)
-    if missing is None:
-        return
-    if options.offline:
-        raise OfflineError(f"offline mode (offline=True or {hub.OFFLINE_ENV}=1): {spec.name} "
-                           f"is not complete in {local_dir}: {missing}")
-
-    def get(names: list[str], expected: dict[str, dict[str, Any]] | None = None) -> list[Path]:
-        return hub.download_repo_files(spec.repo, names, local_dir, endpoint=options.endpoint,
-                                       revision=spec.revision, expected=expected,
-                                       token=options.token, progress=options.progress)
-
-    for name in _OPTIONAL_FILES:
-        try:
-            get([name])
-        except EntryNotFoundError:
-            logger.info("%s@%s has no %s", spec.repo, spec.revision, name)
-    try:
-        get(["config.json"])
-    except EntryNotFoundError as exc:
-        raise EntryNotFoundError(
-            f"{spec.repo}@{spec.revision} has no config.json: not an OPT repo in the hub's "
-            f"layout, or a wrong revision ({exc})", url=exc.url, status=exc.status) from exc
-    if only_config:
-        return
-    name, meta = probe_weight_files(spec.repo, spec.revision, endpoint=options.endpoint,
-                                    token=options.token)
-    expected = {k: v for k, v in (("size", meta.size), ("sha256", meta.sha256)) if v is not None}
-    (path,) = get([name], {name: expected})
-    if name.endswith(".index.json"):
-        get(_index_shards(path))
-
-
-def _missing_from(local_dir: Path, only_config: bool) -> str | None:
-    """What keeps ``local_dir`` from being a complete checkpoint, or None."""
-    if not (local_dir / "config.json").is_file():
-        return "config.json is missing"
-    if only_config:
-        return None
-    try:
-        find_weight_files(local_dir)
-    except CheckpointError as exc:
-        return str(exc)
-    return None
-
-
-def _index_shards(index_path: Path) -> list[str]:
-    """Shard file names of a ``*.index.json``, in order of first appearance."""
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        shards = list(dict.fromkeys(weight_map.values()))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptCheckpointError(f"{index_path} has no usable 'weight_map' ({exc}); "
-                                     f"delete it and download again") from exc
-    if not shards or not all(isinstance(s, str) for s in shards):
-        raise CorruptCheckpointError(f"{index_path} names no shard files; delete it and "
-                                     f"download again")
-    return shards
+# --- config ---------------------------------------------------------------------------------------
 
 
 def _check_architecture(spec: ModelSpec, config: OPTConfig) -> None:
@@ -474,41 +331,3 @@ def _check_architecture(spec: ModelSpec, config: OPTConfig) -> None:
         logger.warning("registry entry %r disagrees with %s/config.json on %s; using the config",
                        spec.name, spec.repo, ", ".join(f"{k} ({a!r} vs {b!r})"
                                                         for k, (a, b) in wrong.items()))
-
-
-# --- fresh weights --------------------------------------------------------------------------------
-
-
-def fresh_model(model_class: type[nn.Module], config: OPTConfig, *, dtype: torch.dtype,
-                device: torch.device | str, attn_implementation: str = "sdpa") -> nn.Module:
-    """A model with the reference's fresh initialisation, built straight on ``device``.
-
-    Linear and embedding weights ~ normal(0, init_std) (drawn in float32 from the global
-    generator, so the values do not depend on ``dtype``), biases and the padding row zero,
-    LayerNorm ones/zeros. Returns the model in eval mode.
-    """
-    with torch.device("meta"):
-        model = model_class(config, attn_implementation=attn_implementation)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()  # to_empty gave the tied head its own tensor
-    std = config.init_std
-    seen: set[int] = set()  # the tied head shares the embedding: initialise it once
-    with torch.no_grad():
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if weight is None or id(weight) in seen:
-                continue
-            seen.add(id(weight))
-            if isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.copy_(torch.empty(module.weight.shape, device=device)
-                                    .normal_(0.0, std))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-                if getattr(module, "padding_idx", None) is not None:
-                    module.weight[module.padding_idx].zero_()
-    return model.eval()

@@ -6,10 +6,10 @@ A ``model_name`` is resolved in this order (``resolve_model``):
    ``model_zoo/registry.json``, then each file in ``FLAGOPT_REGISTRY`` (``os.pathsep``-separated),
    then a ``registry=`` path or dict; a later entry of the same name replaces the earlier one;
 2. an existing local directory in the hub's layout (``config.json`` + weights), used in place;
-3. a hub repo id ``owner/name`` with an optional ``@revision``; its weight files are found by
-   asking the hub for ``checkpoint.WEIGHT_FILES`` in order (``probe_weight_files``).
+3. a hub repo id ``owner/name`` with an optional ``@revision``; its weight files are found
+   when it is fetched (``fetch.probe_weight_files``).
 
-Resolving a name reads files only; the network is touched by downloads and probes alone.
+This module is data and lookup only: it reads files and never touches the network.
 """
 
 from __future__ import annotations
@@ -27,31 +27,25 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
 
-import requests
-
-from flagopt import hub
-from flagopt.errors import (CheckpointError, ConfigError, EntryNotFoundError, RegistryError,
-                            UnknownModelError)
-from flagopt.model.checkpoint import WEIGHT_FILES
+from flagopt import settings
+from flagopt.errors import CheckpointError, ConfigError, RegistryError, UnknownModelError
 from flagopt.model.config import OPTConfig
 
 __all__ = [
     "FORMAT_VERSION",
-    "REGISTRY_ENV",
     "ModelSpec",
+    "config_for",
     "get_model_spec",
     "is_weight_file",
     "list_models",
     "load_registry",
     "parse_repo_id",
-    "probe_weight_files",
     "resolve_model",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-REGISTRY_ENV = "FLAGOPT_REGISTRY"
 RegistrySource = str | os.PathLike | Mapping[str, Any]
 
 _TOP_FIELDS = ("format_version", "models")
@@ -139,8 +133,8 @@ def load_registry(registry: RegistrySource | None = None) -> dict[str, ModelSpec
         RegistryError: a file is missing or malformed (the message names entry and field).
     """
     specs = dict(_packaged_registry())
-    for path in _env_registry_paths():
-        specs.update(_read_registry_file(Path(path), f"{REGISTRY_ENV} file {path}"))
+    for path in settings.get().registry_paths:
+        specs.update(_read_registry_file(Path(path), f"{settings.REGISTRY_ENV} file {path}"))
     if isinstance(registry, Mapping):
         specs.update(_parse_registry(registry, "registry= dict"))
     elif registry is not None:
@@ -168,17 +162,26 @@ def get_model_spec(name: str, registry: RegistrySource | None = None) -> ModelSp
     return spec
 
 
+def config_for(name: str, registry: RegistrySource | None = None) -> OPTConfig:
+    """The architecture of registry entry ``name`` (e.g. ``"opt-350m-en"``), no download.
+
+    Raises:
+        UnknownModelError: no such entry (nearest names suggested).
+        RegistryError: the entry states no architecture.
+    """
+    spec = get_model_spec(name, registry)
+    if not spec.architecture:
+        raise RegistryError(f"registry entry {spec.name!r} has no 'architecture'; read its "
+                            f"config.json instead (OPTConfig.from_json after a download)")
+    return OPTConfig(**spec.architecture)
+
+
 @functools.cache
 def _packaged_registry() -> Mapping[str, ModelSpec]:
     from model_zoo import registry_path
 
     path = registry_path()
     return MappingProxyType(_read_registry_file(path, f"packaged registry {path}"))
-
-
-def _env_registry_paths() -> list[str]:
-    value = os.environ.get(REGISTRY_ENV, "")
-    return [p for p in value.split(os.pathsep) if p.strip()]
 
 
 def _read_registry_file(path: Path, source: str) -> dict[str, ModelSpec]:
@@ -381,29 +384,3 @@ def _unknown_model(name: Any, names: list[str], *, other_forms: bool) -> Unknown
         message += (" A model_name may also be a hub repo id 'owner/name[@revision]' or an "
                     "existing local directory.")
     return UnknownModelError(message)
-
-
-# --- finding a hub repo's weights ---------------------------------------------------------------
-
-
-def probe_weight_files(repo: str, revision: str = "main", *, endpoint: str | None = None,
-                       token: str | None = None, session: requests.Session | None = None
-                       ) -> tuple[str, hub.FileMetadata]:
-    """The first of ``checkpoint.WEIGHT_FILES`` the repo has, asked by HEAD, 404 meaning no.
-
-    Returns:
-        The file name and the hub's metadata for it (size and sha256 for LFS files).
-
-    Raises:
-        CheckpointError: the repo has none of them.
-        AccessDeniedError, HTTPStatusError, DownloadError: the hub said no or was unreachable.
-    """
-    token = token or os.environ.get("HF_TOKEN") or None
-    for name in WEIGHT_FILES:
-        url = hub.hub_url(endpoint, repo, revision, name)
-        try:
-            return name, hub.get_file_metadata(url, token=token, session=session)
-        except EntryNotFoundError:
-            logger.debug("%s@%s has no %s", repo, revision, name)
-    raise CheckpointError(f"{repo}@{revision} has no weights at {hub.get_endpoint(endpoint)}: "
-                          f"none of {', '.join(WEIGHT_FILES)}")

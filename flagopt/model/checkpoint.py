@@ -66,19 +66,26 @@ def find_weight_files(directory: str | os.PathLike) -> list[Path]:
     Raises:
         CheckpointError: no weights file is there.
         CorruptCheckpointError: an index is malformed.
+        MissingWeightsError: an index names a shard that is not there.
         UnsafePathError: an index names a shard outside the directory.
     """
     directory = Path(directory)
     for name in WEIGHT_FILES:
         path = directory / name
         if path.is_file():
-            return read_index(path) if name.endswith(".index.json") else [path]
+            return _shard_paths(path) if name.endswith(".index.json") else [path]
     raise CheckpointError(
         f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def read_index(index_path: Path) -> list[Path]:
-    """Shard paths named by a ``*.index.json`` (``{"weight_map": {tensor: shard}}``)."""
+def read_index(index_path: Path) -> list[str]:
+    """Shard file names of a ``*.index.json`` (``{"weight_map": {tensor: shard}}``), in order
+    of first appearance; the download side fetches them, the load side opens them.
+
+    Raises:
+        CorruptCheckpointError: not JSON, or no usable ``weight_map``.
+        UnsafePathError: a shard name would escape the index's directory.
+    """
     try:
         data = json.loads(index_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -91,7 +98,13 @@ def read_index(index_path: Path) -> list[Path]:
             f"{index_path} has no usable 'weight_map' (tensor name -> shard file); "
             f"re-download the checkpoint")
     shards = list(dict.fromkeys(weight_map.values()))  # ordered, unique
-    paths = [safe_join(index_path.parent, shard) for shard in shards]
+    for shard in shards:
+        safe_join(index_path.parent, shard)
+    return shards
+
+
+def _shard_paths(index_path: Path) -> list[Path]:
+    paths = [safe_join(index_path.parent, shard) for shard in read_index(index_path)]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise MissingWeightsError(

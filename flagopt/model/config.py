@@ -123,19 +123,6 @@ class OPTConfig:
             raise ConfigError(f"malformed OPT config: {exc}") from exc
 
     @classmethod
-    def from_name(cls, name: str) -> "OPTConfig":
-        """The architecture of a model-zoo entry (e.g. ``"opt-350m-en"``), no download.
-
-        Raises:
-            UnknownModelError: ``name`` is not in the registry (nearest names suggested).
-        """
-        from flagopt.auto_model.registry import get_model_spec  # the registry builds on us
-
-        fields = {f.name for f in dataclasses.fields(cls)}
-        arch = get_model_spec(name).architecture
-        return cls(**{k: v for k, v in arch.items() if k in fields})
-
-    @classmethod
     def from_json(cls, path: str | os.PathLike) -> "OPTConfig":
         """Read a hub ``config.json`` (or a directory holding one)."""
         path = os.fspath(path)

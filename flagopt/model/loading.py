@@ -172,16 +172,57 @@ def _finish(model: nn.Module, expected: dict[str, torch.Tensor], loaded: set[str
         logger.warning("%s: no weights for %s in %s; they start fresh (train them first)",
                        type(model).__name__, ", ".join(sorted(fresh)), directory)
         for name in fresh:
-            _assign(model, name, _fresh_tensor(name, expected[name], model, dtype, device), hook)
+            _assign(model, name, fresh_tensor(model, name, expected[name].shape, dtype=dtype,
+                                              device=device), hook)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     tie_int8(model)
 
 
-def _fresh_tensor(name: str, meta: torch.Tensor, model: nn.Module, dtype: torch.dtype,
-                  device: torch.device | str) -> torch.Tensor:
-    """The reference's initialisation: normal(0, init_std) weights, zero biases."""
-    if name.endswith(".bias"):
-        return torch.zeros(meta.shape, dtype=dtype, device=device)
-    std = model.config.init_std
-    return torch.empty(meta.shape, dtype=torch.float32, device=device).normal_(0, std).to(dtype)
+def fresh_model(model_class: type[nn.Module], config: OPTConfig, *, dtype: torch.dtype,
+                device: torch.device | str, attn_implementation: str = "sdpa",
+                generator: torch.Generator | None = None) -> nn.Module:
+    """A model of ``model_class`` with the reference's fresh initialisation (``fresh_tensor``),
+    built on the meta device and then given its tensors straight on ``device``.
+
+    Args:
+        generator: where the random weights come from; None is torch's global generator
+            (so ``torch.manual_seed`` governs it).
+    Returns:
+        The model in eval mode.
+    """
+    with torch.device("meta"), _no_init():
+        model = model_class(config, attn_implementation=attn_implementation)
+    for name, param in model.named_parameters():  # the tied head once, with the embedding
+        _assign(model, name, fresh_tensor(model, name, param.shape, dtype=dtype, device=device,
+                                          generator=generator), None)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+def fresh_tensor(model: nn.Module, name: str, shape: torch.Size, *, dtype: torch.dtype,
+                 device: torch.device | str,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The reference's initialisation of parameter ``name`` of ``model``.
+
+    Linear and Embedding weights ~ normal(0, config.init_std), drawn in float32 on the
+    generator's device and then converted (so the values do not depend on ``dtype`` or
+    ``device``), with an Embedding's padding row zero; biases zero; LayerNorm weights one.
+
+    Args:
+        generator: None is torch's global generator, drawing on ``device``.
+    """
+    module_name, _, param_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if param_name == "bias":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if isinstance(module, nn.LayerNorm):
+        return torch.ones(shape, dtype=dtype, device=device)
+    draw_on = generator.device if generator is not None else device
+    weight = torch.empty(shape, dtype=torch.float32, device=draw_on)
+    weight.normal_(0.0, model.config.init_std, generator=generator)
+    padding_idx = getattr(module, "padding_idx", None)
+    if isinstance(module, nn.Embedding) and padding_idx is not None:
+        weight[padding_idx].zero_()
+    return weight.to(device=device, dtype=dtype)

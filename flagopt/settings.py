@@ -1,0 +1,91 @@
+"""Every environment variable flagopt reads, read here and only here, once, at import.
+
+As in huggingface_hub's ``constants.py``, the rest of the package never touches ``os.environ``:
+it asks ``get()`` for these values and passes them down. An explicit argument always wins
+over the environment (``endpoint=``, ``offline=``, ``token=``, ``model_dir=``, ``registry=``).
+
+===========================  ====================================================
+``FLAGOPT_ENDPOINT``         hub base URL (default ``https://huggingface.co``)
+``FLAGOPT_HOME``             models directory (default ``~/.cache/flagopt``)
+``FLAGOPT_OFFLINE``          ``1``: never use the network
+``FLAGOPT_REGISTRY``         extra registry files, ``os.pathsep``-separated
+``FLAGOPT_DISABLE_PROGRESS`` ``1``: no progress bars
+``FLAGOPT_SKIP_DISK_CHECK``  ``1``: skip the free-space check before a download
+``HF_TOKEN``                 bearer token for the hub
+===========================  ====================================================
+
+Flags are on for ``1``, ``true``, ``yes`` or ``on`` (any case). Values are stored as given:
+the modules that use them validate them (a bad endpoint fails at the first download, not at
+import).
+
+Overriding: a program that changes ``os.environ`` after ``import flagopt`` calls ``reload()``;
+a test that sets variables with ``monkeypatch.setenv`` then calls ``reload()`` (tests use the
+``env`` fixture in ``tests/conftest.py``, which does both and undoes both), or replaces the
+values outright with ``monkeypatch.setattr(settings, "_current", Settings(...))``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DEFAULT_HOME", "ENDPOINT_ENV", "HOME_ENV", "OFFLINE_ENV", "REGISTRY_ENV",
+           "Settings", "get", "reload"]
+
+ENDPOINT_ENV = "FLAGOPT_ENDPOINT"
+HOME_ENV = "FLAGOPT_HOME"
+OFFLINE_ENV = "FLAGOPT_OFFLINE"
+REGISTRY_ENV = "FLAGOPT_REGISTRY"
+DISABLE_PROGRESS_ENV = "FLAGOPT_DISABLE_PROGRESS"
+SKIP_DISK_CHECK_ENV = "FLAGOPT_SKIP_DISK_CHECK"
+TOKEN_ENV = "HF_TOKEN"
+
+DEFAULT_HOME = "~/.cache/flagopt"
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The environment's say, parsed. ``home`` is not yet ``expanduser``-ed."""
+
+    endpoint: str | None = None
+    home: Path = Path(DEFAULT_HOME)
+    offline: bool = False
+    registry_paths: tuple[str, ...] = ()
+    disable_progress: bool = False
+    skip_disk_check: bool = False
+    token: str | None = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        """Parse the variables above from ``environ`` (unset and empty mean the default)."""
+        registry = environ.get(REGISTRY_ENV, "")
+        return cls(endpoint=environ.get(ENDPOINT_ENV) or None,
+                   home=Path(environ.get(HOME_ENV) or DEFAULT_HOME),
+                   offline=_flag(environ, OFFLINE_ENV),
+                   registry_paths=tuple(p for p in registry.split(os.pathsep) if p.strip()),
+                   disable_progress=_flag(environ, DISABLE_PROGRESS_ENV),
+                   skip_disk_check=_flag(environ, SKIP_DISK_CHECK_ENV),
+                   token=environ.get(TOKEN_ENV) or None)
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() in _TRUE
+
+
+_current = Settings.from_environ(os.environ)
+
+
+def get() -> Settings:
+    """The settings read at import (or at the last ``reload()``)."""
+    return _current
+
+
+def reload() -> Settings:
+    """Read the environment again; for programs and tests that change it after import."""
+    global _current
+    _current = Settings.from_environ(os.environ)
+    return _current
