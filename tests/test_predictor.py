@@ -505,3 +505,10 @@ def test_text_of_the_wrong_type_is_rejected(predictor, text) -> None:
 def test_predictor_needs_a_language_model_head(pair, tok) -> None:
     with pytest.raises(TypeError, match="OPTModel"):
         Predictor(pair[1].model, tok)
+
+
+def test_every_strategy_has_exactly_one_chooser() -> None:
+    from flagopt.predictor.generation import CHOOSERS
+    from flagopt.predictor.strategies import STRATEGIES
+
+    assert list(CHOOSERS) == list(STRATEGIES)

@@ -10,16 +10,13 @@ prompts run in one forward pass per step.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult, length_reason, \
     prefill_once_per_prompt
+from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.processors import apply_processors
 
-if TYPE_CHECKING:  # params.py imports the strategy table, which imports this module
-    from flagopt.predictor.params import GenerationParams
 
 _NEG = -1.0e9  # the reference's "impossible" score; kept identical so ties break alike
 

@@ -12,16 +12,13 @@ so each step costs one forward pass of ``batch * top_k`` rows.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult, \
     prefill_once_per_prompt
+from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.processors import apply_processors
 
-if TYPE_CHECKING:  # params.py imports the strategy table, which imports this module
-    from flagopt.predictor.params import GenerationParams
 
 
 class ContrastiveChooser(Chooser):

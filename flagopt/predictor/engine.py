@@ -14,19 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from flagopt.errors import NonFiniteLogitsError
 from flagopt.model.cache import KVCache
+from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.processors import LogitsProcessor, apply_processors, \
     build_logits_processors, sample
 from flagopt.predictor.stopping import EosCriterion, StopStrings
 
-if TYPE_CHECKING:  # params.py imports the strategy table, which imports the choosers
-    from flagopt.predictor.params import GenerationParams
 
 PAD_HISTORY = -1  # "no token here" in the history processors see (left padding)
 

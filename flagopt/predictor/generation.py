@@ -12,11 +12,16 @@ from collections.abc import Callable, Generator
 import torch
 from torch import nn
 
-from flagopt.predictor.engine import GenerationResult, decode_steps, start_state
+from flagopt.predictor.beam import BeamChooser
+from flagopt.predictor.contrastive import ContrastiveChooser
+from flagopt.predictor.engine import Chooser, GenerationResult, decode_steps, start_state
 from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.stopping import StopStrings, max_new_tokens_allowed
 from flagopt.predictor.strategies import STRATEGIES
 
+# The one dispatch: which chooser picks each strategy's tokens (same keys as STRATEGIES).
+CHOOSERS: dict[str, type[Chooser]] = {"greedy": Chooser, "sample": Chooser,
+                                       "beam": BeamChooser, "contrastive": ContrastiveChooser}
 
 def check_inputs(model: nn.Module, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -78,7 +83,7 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
     with torch.inference_mode():
         state = start_state(model, input_ids, attention_mask, max_new,
                             params.rows_per_prompt, compile=compile and strategy.compile)
-        chooser = strategy.chooser(params, state, model.config.pad_token_id)
+        chooser = CHOOSERS[params.strategy](params, state, model.config.pad_token_id)
         yield from decode_steps(state, chooser, stops, check_every)
         return chooser.result(state)
 

@@ -1,17 +1,15 @@
-"""The decoding strategies: one table that says how each chooses and what it supports.
+"""The decoding strategies: one table that says what each supports.
 
-``generate`` dispatches on it, ``GenerationParams`` checks the strategy-dependent rules with
-it, ``Predictor.stream`` asks it whether a strategy streams, and the CLI takes its choices
-from it. Nothing else names strategies.
+``GenerationParams`` checks the strategy-dependent rules with it, ``Predictor.stream`` asks it
+whether a strategy streams, the CLI takes its choices from it, and ``generation.CHOOSERS``
+(the one dispatch, keyed by the same names) says which ``Chooser`` picks each one's tokens.
+The table is plain data and imports nothing from the engine, so the parameter checks sit
+below the choosers in the import graph.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from flagopt.predictor.beam import BeamChooser
-from flagopt.predictor.contrastive import ContrastiveChooser
-from flagopt.predictor.engine import Chooser
 
 
 @dataclass(frozen=True)
@@ -19,7 +17,6 @@ class Strategy:
     """One decoding strategy.
 
     Attributes:
-        chooser: the ``Chooser`` class that picks its next tokens.
         rows_field: the ``GenerationParams`` field giving each prompt's cache rows
             (``num_return_sequences`` samples, ``num_beams`` beams, ``top_k`` candidates).
         many_returns: ``num_return_sequences`` may exceed 1 (up to the rows per prompt).
@@ -29,7 +26,6 @@ class Strategy:
         streaming: ``Predictor.stream`` yields text as it is made (else all at the end).
     """
 
-    chooser: type[Chooser]
     rows_field: str
     many_returns: bool
     samples: bool
@@ -39,14 +35,14 @@ class Strategy:
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "greedy": Strategy(Chooser, "num_return_sequences", many_returns=False, samples=False,
+    "greedy": Strategy("num_return_sequences", many_returns=False, samples=False,
                        stop_strings=True, compile=True, streaming=True),
-    "sample": Strategy(Chooser, "num_return_sequences", many_returns=True, samples=True,
+    "sample": Strategy("num_return_sequences", many_returns=True, samples=True,
                        stop_strings=True, compile=True, streaming=True),
     # Beams are re-ranked to the end: stop strings cut the final text, nothing streams.
-    "beam": Strategy(BeamChooser, "num_beams", many_returns=True, samples=False,
+    "beam": Strategy("num_beams", many_returns=True, samples=False,
                      stop_strings=False, compile=True, streaming=False),
     # The candidates' forward pass returns hidden states: it runs eagerly.
-    "contrastive": Strategy(ContrastiveChooser, "top_k", many_returns=False, samples=False,
+    "contrastive": Strategy("top_k", many_returns=False, samples=False,
                             stop_strings=True, compile=False, streaming=True),
 }
