@@ -52,8 +52,8 @@ class BeamChooser(Chooser):
         """Run each prompt once and copy its cache into its beams' rows."""
         t = state.prompt_len
         first = slice(0, None, self.k)  # row 0 of each prompt's beams
-        small = KVCache.for_model(state.model.config, self.b, t, dtype=state.cache.k.dtype,
-                                  device=state.cache.k.device)
+        small = KVCache.for_model(state.model.config, self.b, t, dtype=state.cache.dtype,
+                                  device=state.cache.device)
         mask = None if state.mask is None else state.mask[first, :t]
         logits = state.model(state.tokens[first, :t], attention_mask=mask, cache=small,
                              logits_to_keep=1).logits[:, -1]

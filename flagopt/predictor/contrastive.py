@@ -37,18 +37,17 @@ class ContrastiveChooser(Chooser):
     def prefill(self, state: DecodeState) -> torch.Tensor:
         t, model = state.prompt_len, state.model
         first = slice(0, None, self.k)
-        small = KVCache.for_model(model.config, self.b, t, dtype=state.cache.k.dtype,
-                                  device=state.cache.k.device)
+        small = KVCache.for_model(model.config, self.b, t, dtype=state.cache.dtype,
+                                  device=state.cache.device)
         mask = None if state.mask is None else state.mask[first, :t]
-        hidden = model.model(state.tokens[first, :t], attention_mask=mask,
-                             cache=small).last_hidden_state  # (B, T, E)
+        hidden = model.last_hidden_state(state.tokens[first, :t], mask, small)  # (B, T, E)
         state.cache.copy_rows_from(small, self.k)
         total = state.tokens.shape[1]
         self.context = hidden.new_zeros(self.b, total, hidden.shape[-1])
         self.context[:, :t] = hidden
         self.context_mask = torch.zeros(self.b, total, dtype=torch.bool, device=hidden.device)
         self.context_mask[:, :t] = True if mask is None else mask.bool()
-        return model.lm_head(hidden[:, -1])  # (B, V)
+        return model.logits(hidden[:, -1])  # (B, V)
 
     def choose(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
         b, k, cur = self.b, self.k, state.length
@@ -57,8 +56,7 @@ class ContrastiveChooser(Chooser):
             scores = self._apply(scores, state)
         probs = scores.softmax(-1)
         top_p, top_ids = probs.topk(k, dim=-1)  # (B, K)
-        out = self._run_candidates(top_ids.view(-1), state)
-        hidden = out.last_hidden_state[:, -1].view(b, k, -1)  # (B, K, E)
+        hidden = self._run_candidates(top_ids.view(-1), state)[:, -1].view(b, k, -1)  # (B, K, E)
         penalty = self._degeneration_penalty(hidden, cur)  # (B, K)
         score = (1.0 - self.alpha) * top_p - self.alpha * penalty
         sel = score.argmax(-1)  # (B,)
@@ -66,7 +64,7 @@ class ContrastiveChooser(Chooser):
         nxt = top_ids[rows, sel]
         self.context[:, cur] = hidden[rows, sel]
         self.context_mask[:, cur] = True
-        self.pending = state.model.lm_head(hidden[rows, sel])  # (B, V)
+        self.pending = state.model.logits(hidden[rows, sel])  # (B, V)
         state.cache.reorder((self.group + sel).repeat_interleave(k))
         logp = scores.log_softmax(-1)[rows, nxt]
         step = cur - state.prompt_len
@@ -77,12 +75,13 @@ class ContrastiveChooser(Chooser):
     def _apply(self, scores: torch.Tensor, state: DecodeState) -> torch.Tensor:
         return apply_processors(self.processors, state.history[::self.k, :state.length], scores)
 
-    def _run_candidates(self, ids: torch.Tensor, state: DecodeState):
+    def _run_candidates(self, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Hidden states (R, 1, E) of one candidate token per cache row."""
         end = state.cache.length + 1
         mask = None if state.mask is None else state.mask[:, :end].clone()
         if mask is not None:
             mask[:, -1] = 1
-        return state.model.model(ids[:, None], attention_mask=mask, cache=state.cache)
+        return state.model.last_hidden_state(ids[:, None], mask, state.cache)
 
     def _degeneration_penalty(self, hidden: torch.Tensor, cur: int) -> torch.Tensor:
         ctx = self.context[:, :cur]  # (B, S, E)
