@@ -14,7 +14,8 @@ from torch import nn
 
 from flagopt.predictor.beam import BeamChooser
 from flagopt.predictor.contrastive import ContrastiveChooser
-from flagopt.predictor.engine import Chooser, GenerationResult, decode_steps, start_state
+from flagopt.predictor.engine import Chooser, GenerationResult, check_cache_dtype, \
+    decode_steps, start_state
 from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.stopping import StopStrings, max_new_tokens_allowed
 
@@ -58,7 +59,8 @@ def check_inputs(model: nn.Module, input_ids: torch.Tensor,
 def iter_generate(model: nn.Module, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None, params: GenerationParams, *,
                   decode: Callable[[list[int]], str] | None = None,
-                  check_every: int | None = None, compile: bool = False
+                  check_every: int | None = None, compile: bool = False,
+                  cache_dtype: torch.dtype | str | None = None
                   ) -> Generator[torch.Tensor, None, GenerationResult]:
     """Yield each step's new tokens (one per cache row); return the ``GenerationResult``.
 
@@ -72,8 +74,12 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
         compile: run the one-token steps through ``torch.compile`` (CUDA graphs on GPU);
             same results, less per-step overhead once compiled. The first call per batch
             shape pays the compilation. Contrastive search always runs eagerly.
+        cache_dtype: the KV cache's dtype; None (default) is the model's own, the
+            reference's numerics. ``torch.float32`` for a bf16/fp16 model on CPU is often
+            faster there and changes the numbers slightly.
     """
     attention_mask = check_inputs(model, input_ids, attention_mask)
+    cache_dtype = check_cache_dtype(cache_dtype)
     max_new = max_new_tokens_allowed(input_ids.shape[1], params.max_new_tokens,
                                      model.config.max_position_embeddings)
     if max_new == 0:
@@ -88,7 +94,8 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
     with torch.inference_mode():
         state = start_state(model, input_ids, attention_mask, max_new,
                             _rows_per_prompt(params),
-                            compile=compile and params.strategy != "contrastive")
+                            compile=compile and params.strategy != "contrastive",
+                            cache_dtype=cache_dtype)
         chooser = _CHOOSERS[params.strategy](params, state, model.config.pad_token_id)
         yield from decode_steps(state, chooser, stops, check_every)
         return chooser.result(state)
