@@ -82,3 +82,23 @@ def test_failing_worker_is_reported_with_its_stderr(tmp_path):
     result = bench.run_worker({"task": "no-such-task"}, timeout=120, threads=1)
     assert result["status"] == "failed"
     assert "no-such-task" in result["reason"] and "no-such-task" in result["stderr_tail"]
+
+
+def _engines_module():
+    path = ROOT / "benchmarks" / "engines.py"
+    spec = importlib.util.spec_from_file_location("bench_engines", path)
+    engines = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engines)
+    return engines
+
+
+@pytest.mark.parametrize("dtype, cache", [("bfloat16", "float32"), ("float16", "float32"),
+                                          ("float32", None)])
+def test_flagopt_engine_keeps_a_float32_cache_for_half_precision_on_cpu(dtype, cache):
+    """The RESULTS.md figures used a float32 cache for bf16/fp16 on CPU (once implicit, now
+    the explicit ``cache_dtype``); the benchmark asks for it so they stay comparable."""
+    import torch
+
+    engine = _engines_module().FlagoptEngine(dict(device="cpu", compute_dtype=dtype))
+    assert engine.gen_kwargs.get("cache_dtype") == (None if cache is None else
+                                                    getattr(torch, cache))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flagopt.model.loading import load_pretrained
 from flagopt.model.synthetic import write_random_checkpoint
@@ -119,3 +120,16 @@ def test_strategy_choices_come_from_the_strategy_table(monkeypatch) -> None:
     assert "greedy-2" in choices()
     args = cli._parser().parse_args(["generate", "--strategy", "greedy-2", "x"])
     assert args.strategy == "greedy-2"
+
+
+def test_cache_dtype_flag(served, tmp_path: Path) -> None:
+    server, source = served
+    out = _run(["generate", "--model", REPO, "--max-new-tokens", "6", "--dtype", "bfloat16",
+                "--cache-dtype", "float32", "--quiet", "Hello world"], server, tmp_path)
+    assert out.returncode == 0, out.stderr
+    predictor = Predictor(load_pretrained(source, dtype=torch.bfloat16),
+                          OPTTokenizer.from_dir(source), cache_dtype=torch.float32)
+    assert out.stdout == predictor.predict_generate_greedy("Hello world",
+                                                           out_max_length=6) + "\n"
+    bad = _run(["generate", "--model", REPO, "--cache-dtype", "int8", "x"], server, tmp_path)
+    assert bad.returncode != 0 and "cache-dtype" in bad.stderr

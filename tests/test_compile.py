@@ -58,3 +58,12 @@ def test_compiled_generation_gives_the_eager_tokens(model, batch, params) -> Non
     assert torch.equal(compiled.sequences, eager.sequences)
     torch.testing.assert_close(compiled.sequence_scores, eager.sequence_scores, atol=1e-4,
                                rtol=0)
+
+
+def test_the_compiled_step_is_kept_off_the_model(model) -> None:
+    from flagopt.predictor.engine import compiled_step
+
+    step = compiled_step(model)
+    assert compiled_step(model) is step  # one per model
+    assert not any(callable(v) and "compile" in repr(v).lower() for v in vars(model).values())
+    assert "_flagopt_compiled_step" not in vars(model)

@@ -658,3 +658,52 @@ def test_iter_generate_yields_each_step_and_returns_the_result(pair, batch, kw: 
     else:
         assert len(yielded) >= max(expected.num_generated)
         assert all(s.shape == (len(LENGTHS) * 3,) for s in yielded)
+
+
+# --- the KV cache's dtype is a choice ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_dtype_defaults_to_the_models(dtype: torch.dtype) -> None:
+    from flagopt.predictor.engine import start_state
+
+    _, model = reference_pair(tiny_config())
+    model = model.to(dtype)
+    ids = torch.tensor([[2, 5, 6]])
+    state = start_state(model, ids, torch.ones_like(ids), 4)
+    assert state.cache.dtype == dtype  # the reference's numerics: no silent widening on CPU
+    wide = start_state(model, ids, torch.ones_like(ids), 4, cache_dtype=torch.float32)
+    assert wide.cache.dtype == torch.float32
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "contrastive"])
+def test_float32_cache_dtype_for_a_bf16_model_works(strategy: str) -> None:
+    _, model = reference_pair(tiny_config())
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    params = GenerationParams(strategy=strategy, max_new_tokens=4, num_beams=2, top_k=2,
+                              eos_token_ids=())
+    own = generate(model, ids, None, params)
+    wide = generate(model, ids, None, params, cache_dtype=torch.float32)
+    named = generate(model, ids, None, params, cache_dtype="float32")
+    assert wide.num_generated == own.num_generated == [4, 4]
+    assert torch.equal(named.sequences, wide.sequences)
+
+
+@pytest.mark.parametrize("bad, error", [("float64", ValueError), (torch.int8, ValueError),
+                                        (32, TypeError)])
+def test_bad_cache_dtype_is_rejected(pair, bad, error) -> None:
+    _, ours = pair
+    with pytest.raises(error, match="cache_dtype"):
+        generate(ours, torch.tensor([[2, 5]]), None, GenerationParams(max_new_tokens=2),
+                 cache_dtype=bad)
+
+
+def test_non_finite_logits_raise_before_the_step_is_yielded_and_name_the_position() -> None:
+    _, model = reference_pair(tiny_config())
+    with torch.no_grad():
+        model.model.decoder.layers[0].fc1.weight[0, 0] = float("nan")
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    steps = iter_generate(model, ids, None, GenerationParams(strategy="sample", seed=0))
+    with pytest.raises(NonFiniteLogitsError, match="at position 5"):
+        next(steps)  # on CPU the check reads the first step's flag before yielding it

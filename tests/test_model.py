@@ -306,3 +306,102 @@ def test_config_for_a_zoo_name_uses_the_registry() -> None:
     assert config_for("opt-13b-en").num_parameters > 12e9
     with pytest.raises(UnknownModelError, match="opt-125m-en"):
         config_for("opt-125-en")
+
+
+# --- one stack, one cache interface ------------------------------------------------------------
+
+def _prefilled(model, ids, mask, capacity):
+    cache = KVCache.for_model(model.config, ids.shape[0], capacity, dtype=torch.float32,
+                              device="cpu")
+    model(ids, attention_mask=mask, cache=cache)
+    return cache
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_view_and_kv_cache_give_the_same_keys_values_and_logits(
+        variant: OPTConfig, padded: bool) -> None:
+    """Both ``Cache`` implementations through the one decoder stack: the dynamic forward and
+    the static step write the same keys/values and give the same next-token logits."""
+    _, ours = reference_pair(variant)
+    rows = [_ids(1, 6, seed=7)[0], _ids(1, 4, seed=8)[0]]
+    ids, mask = _left_pad(rows) if padded else (_ids(2, 6), torch.ones(2, 6, dtype=torch.long))
+    nxt = torch.tensor([[7], [9]])
+    full_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        dynamic = _prefilled(ours, ids, mask, 12)
+        static = _prefilled(ours, ids, mask, 12)
+        eager = ours(nxt, attention_mask=full_mask, cache=dynamic).logits[:, -1]
+        key_mask = torch.zeros(2, 12, dtype=torch.bool)
+        key_mask[:, :7] = full_mask.bool()
+        stepped = ours.static_step(nxt, key_mask, static.k, static.v, torch.tensor([6]))
+    assert dynamic.length == 7 and static.length == 6  # the static view leaves counting to its owner
+    torch.testing.assert_close(static.k, dynamic.k, atol=1e-6, rtol=0)
+    torch.testing.assert_close(static.v, dynamic.v, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stepped, eager, atol=ATOL, rtol=0)
+
+
+def test_cache_update_shapes_of_both_implementations() -> None:
+    from flagopt.model.cache import StaticCacheView
+
+    dynamic = KVCache(1, 2, 1, 5, 3)
+    k = torch.randn(2, 1, 2, 3)
+    keys, values = dynamic.update(0, k, k + 1)
+    assert keys.shape == (2, 1, 2, 3)  # the filled prefix
+    dynamic.advance(2)
+    view = dynamic.static_view(torch.tensor([2]))
+    k1 = torch.randn(2, 1, 1, 3)
+    keys, values = view.update(0, k1, k1 + 1)
+    assert keys.shape == (2, 1, 5, 3)  # the whole capacity: no shape depends on the step
+    view.advance(1)
+    assert dynamic.length == 2
+    torch.testing.assert_close(dynamic.k[0, :, :, :2], k)
+    torch.testing.assert_close(dynamic.k[0, :, :, 2:3], k1)
+    torch.testing.assert_close(dynamic.v[0, :, :, 2:3], k1 + 1)
+
+
+def test_decoder_forward_is_the_stack_under_the_hf_forward(variant: OPTConfig) -> None:
+    """OPTDecoder.forward with explicit positions and a causal mask equals OPTModel.forward."""
+    _, ours = reference_pair(variant)
+    ids = _ids(2, 5)
+    positions = torch.arange(5).expand(2, 5)
+    with torch.no_grad():
+        stack = ours.model.decoder(ids, positions, None, is_causal=True)
+        embedded = ours.model.decoder(ours.get_input_embeddings()(ids), positions, None,
+                                      is_causal=True)
+        hf_style = ours.model(ids).last_hidden_state
+    torch.testing.assert_close(stack, hf_style)
+    torch.testing.assert_close(embedded, hf_style)
+
+
+def test_trace_collects_what_the_flags_ask_for() -> None:
+    from flagopt.model.decoder import Trace
+
+    config = tiny_config()
+    _, ours = reference_pair(config, attn="eager")
+    assert Trace.of(config, None, False, False) is None  # ordinary callers pass nothing
+    ids = _ids(1, 4)
+    positions = torch.arange(4)[None]
+    trace = Trace.of(config, torch.ones(4), True, True)
+    with torch.no_grad():
+        out = ours.model.decoder(ids, positions, None, is_causal=True, trace=trace)
+        flags = ours.model(ids, output_hidden_states=True, output_attentions=True)
+    assert len(trace.hidden_states) == 3 and len(trace.attentions) == 2
+    torch.testing.assert_close(trace.hidden_states[-1], out)
+    for a, b in zip(trace.attentions, flags.attentions):
+        torch.testing.assert_close(a, b)
+
+
+def test_model_surface_for_the_engine() -> None:
+    _, ours = reference_pair(tiny_config(word_embed_proj_dim=16, do_layer_norm_before=False))
+    ids, mask = _left_pad([_ids(1, 5, seed=2)[0], _ids(1, 3, seed=3)[0]])
+    assert ours.get_input_embeddings() is ours.model.decoder.embed_tokens
+    assert ours.get_output_embeddings() is ours.lm_head
+    with torch.no_grad():
+        hidden = ours.last_hidden_state(ids, mask)
+        assert hidden.shape == (2, 5, 16)
+        torch.testing.assert_close(ours.logits(hidden), ours(ids, attention_mask=mask).logits)
+        torch.testing.assert_close(ours.logits(hidden[:, -1]),
+                                   ours(ids, attention_mask=mask, logits_to_keep=1).logits[:, 0])
+        cache = KVCache.for_model(ours.config, 2, 8, dtype=torch.float32, device="cpu")
+        ours.last_hidden_state(ids, mask, cache)
+        assert cache.length == 5

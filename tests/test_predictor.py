@@ -512,3 +512,23 @@ def test_every_strategy_has_exactly_one_chooser() -> None:
     from flagopt.predictor.strategies import STRATEGIES
 
     assert list(CHOOSERS) == list(STRATEGIES)
+
+
+def test_cache_dtype_reaches_the_engine(pair, tok, monkeypatch) -> None:
+    import flagopt.predictor.generation as generation
+
+    seen = []
+    real = generation.start_state
+
+    def spy(*args, **kwargs):
+        state = real(*args, **kwargs)
+        seen.append(state.cache.dtype)
+        return state
+
+    monkeypatch.setattr(generation, "start_state", spy)
+    Predictor(pair[1], tok).predict_generate_greedy(PROMPTS[0], out_max_length=2)
+    Predictor(pair[1], tok, cache_dtype="bfloat16").predict_generate_greedy(
+        PROMPTS[0], out_max_length=2)
+    assert seen == [torch.float32, torch.bfloat16]
+    with pytest.raises(ValueError, match="cache_dtype"):
+        Predictor(pair[1], tok, cache_dtype="float64")

@@ -1,21 +1,61 @@
-"""A preallocated key/value cache for the whole generation, written in place.
+"""Key/value caches: one small interface, implemented by the dynamic cache and the static step.
 
-One tensor per kind for all layers, shaped ``(layers, batch, heads, capacity, head_dim)``, so a
-decoding step only writes the new positions (no ``torch.cat`` per step) and static shapes let
-``torch.compile`` capture the step. ``length`` counts the positions filled so far; the model
-advances it once per forward pass.
+The decoder talks to a cache through ``Cache`` only:
+
+- ``update(layer, k, v)`` stores one layer's new keys/values (B, H, T, D) and returns the
+  keys/values that attention reads, (B, H, S, D). The caller's mask covers those S positions.
+- ``advance(n)`` is called once per forward pass, after the last layer, with the number of
+  new positions T.
+
+Positions and the attention mask are the caller's business (``OPTModel.forward`` derives them
+from a 2-D attention mask and ``KVCache.length``; the static step from its key mask), so the
+decoder needs nothing else from a cache.
+
+Two implementations:
+
+- ``KVCache``: preallocated ``(layers, batch, heads, capacity, head_dim)`` buffers, one length
+  for all rows held on the host; ``update`` writes at ``length`` and returns the filled prefix
+  (shapes grow by one per step). Also ``reset``, ``reorder`` (beam search) and
+  ``copy_rows_from`` (one prompt's cache into N rows).
+- ``StaticCacheView``: the same buffers seen by a static-shape step (``torch.compile``, CUDA
+  graphs): ``update`` writes at a *tensor* slot and returns the whole capacity, so no shape
+  depends on the step; the key mask hides the unfilled slots. Its owner moves the slot.
+
+A per-row-length cache (continuous batching: each row its own length and write position) is a
+third small class, not a third decoder: keep the buffers, hold ``lengths`` as a (B,) long
+tensor, write ``update``'s new keys/values at ``lengths[b] + arange(T)`` of each row (one
+``index_put_`` with row and slot indices) and return the whole capacity like the static view;
+``advance(n)`` adds n to the lengths of the active rows. Its owner builds the decoder's
+inputs from the lengths: positions ``lengths[:, None] + arange(T)`` (minus each row's
+padding) and the key mask ``slot <= lengths[b] + t`` per query, (B, 1, T, capacity).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
 from flagopt.model.config import OPTConfig
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated to ``capacity`` positions.
+class Cache(Protocol):
+    """What the decoder needs from a key/value cache (see the module docstring)."""
 
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``layer``'s new keys/values (B, H, T, D); return what attention reads."""
+        ...
+
+    def advance(self, num_positions: int) -> None:
+        """Count ``num_positions`` new positions as written (once per forward pass)."""
+        ...
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to ``capacity`` positions; a ``Cache``.
+
+    ``dtype`` is the storage dtype; keys and values are converted to it when written.
     API: ``update`` (write one layer's new keys/values, get the filled prefix back),
     ``advance`` (count the positions a forward pass added), ``reset``, ``reorder`` (beam
     search: gather rows by index, in place) and ``copy_rows_from`` (copy each prompt's cache
@@ -45,6 +85,14 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k_new``/``v_new`` (B, H, T, D) after the filled positions of ``layer``.
@@ -54,7 +102,7 @@ class KVCache:
         start, end = self.length, self.length + k_new.shape[2]
         if end > self.capacity:
             self._grow(end)
-        self.k[layer, :, :, start:end] = k_new
+        self.k[layer, :, :, start:end] = k_new  # converted to the cache's dtype
         self.v[layer, :, :, start:end] = v_new
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
@@ -89,11 +137,40 @@ class KVCache:
             self.v[:, i::n, :, filled] = other.v[:, :, :, filled]
         self.length = other.length
 
+    def static_view(self, write_at: torch.Tensor) -> "StaticCacheView":
+        """These buffers as a static-shape step sees them, writing at slot ``write_at``."""
+        return StaticCacheView(self.k, self.v, write_at)
+
     def _grow(self, needed: int) -> None:
-        # Only for callers that did not size the cache up front (e.g. forward(use_cache=True)).
+        # Only for callers that did not size the cache up front: forward(use_cache=True)
+        # allocates the prompt's length, and feeding the returned cache more tokens grows it.
         capacity = max(needed, 2 * self.capacity)
         for name in ("k", "v"):
             old = getattr(self, name)
             new = old.new_zeros(old.shape[:3] + (capacity,) + old.shape[4:])
             new[:, :, :, :self.length] = old[:, :, :, :self.length]
             setattr(self, name, new)
+
+
+class StaticCacheView:
+    """A ``Cache`` with shapes that never change, for a compiled one-token step.
+
+    ``update`` writes the new keys/values at slot ``write_at`` (a (1,) long tensor, so the
+    slot is data, not a constant baked into the compiled graph) and returns the whole
+    capacity (B, H, capacity, D); the caller's key mask hides the slots not written yet.
+    ``advance`` does nothing: the owner moves ``write_at`` (and its ``KVCache.length``)
+    between steps, outside the compiled code.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, write_at: torch.Tensor) -> None:
+        self.k, self.v, self.write_at = k, v, write_at  # (L, B, H, capacity, D) each
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k_new``/``v_new`` (B, H, 1, D) at the slot; return (B, H, capacity, D)."""
+        self.k[layer].index_copy_(2, self.write_at, k_new.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.write_at, v_new.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+    def advance(self, num_positions: int) -> None:
+        """Nothing to count here: the owner moves the slot between steps."""

@@ -1,4 +1,10 @@
-"""The OPT decoder: embeddings, pre-/post-LN blocks, attention over a static KV cache.
+"""The OPT decoder: embeddings, pre-/post-LN blocks, attention over a KV cache.
+
+One stack, ``OPTDecoder.forward(x, positions, mask, cache)``, serves every caller: the
+HF-style ``OPTModel.forward`` (2-D attention mask, ``use_cache``, ``output_*``, ``head_mask``)
+and the static-shape one-token step that ``torch.compile`` captures each build positions and
+a mask and call it. HF's ``head_mask`` / ``output_hidden_states`` / ``output_attentions`` ride
+on one optional ``Trace`` argument, so callers that need none of them pass nothing.
 
 Module names are the checkpoint's keys (``decoder.embed_tokens``, ``layers.{i}.self_attn.q_proj``,
 ``fc1``, ``final_layer_norm``, ``project_in`` ...), so weights load by name with no mapping
@@ -13,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flagopt.model.cache import KVCache
+from flagopt.model.cache import Cache, KVCache, StaticCacheView
 from flagopt.model.config import OPTConfig
 from flagopt.model.outputs import ModelOutput
 
@@ -24,11 +30,47 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclass
+class Trace:
+    """HF's per-layer extras for one forward pass, in one optional argument.
+
+    ``head_mask`` (layers, heads) multiplies each layer's attention weights; the lists, when
+    not None, collect the input of every layer plus the final output (``hidden_states``)
+    and each layer's attention weights (``attentions``). Any of them switches attention to
+    the explicit-softmax ("eager") path where weights are needed.
+    """
+
+    head_mask: torch.Tensor | None = None
+    hidden_states: list[torch.Tensor] | None = None
+    attentions: list[torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, config: OPTConfig, head_mask: torch.Tensor | None, output_hidden_states: bool,
+           output_attentions: bool) -> "Trace | None":
+        """The trace HF's flags ask for, or None when they ask for nothing."""
+        if head_mask is None and not output_hidden_states and not output_attentions:
+            return None
+        return cls(_layer_head_mask(head_mask, config),
+                   [] if output_hidden_states else None, [] if output_attentions else None)
+
+    def run(self, layer: "OPTDecoderLayer", i: int, x: torch.Tensor, mask: torch.Tensor | None,
+            is_causal: bool, cache: Cache | None, implementation: str) -> torch.Tensor:
+        """Layer ``i`` on ``x`` with its head mask, recording what was asked for."""
+        if self.hidden_states is not None:
+            self.hidden_states.append(x)
+        head_mask = None if self.head_mask is None else self.head_mask[i]
+        x, weights = layer(x, mask, is_causal, cache, implementation, head_mask,
+                           self.attentions is not None)
+        if self.attentions is not None:
+            self.attentions.append(weights)
+        return x
+
+
+@dataclass
 class DecoderOutput(ModelOutput):
     """What ``OPTModel`` returns. ``hidden_states`` / ``attentions`` are per layer when asked."""
 
     last_hidden_state: torch.Tensor
-    cache: KVCache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -81,7 +123,7 @@ class OPTAttention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-                cache: KVCache | None, implementation: str,
+                cache: Cache | None, implementation: str,
                 head_mask: torch.Tensor | None = None, output_attentions: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         bsz, t, _ = x.shape
@@ -92,7 +134,7 @@ class OPTAttention(nn.Module):
         v = v.view(bsz, t, self.num_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H, past + T, D)
-            q = q.to(k.dtype)  # the cache may hold a wider dtype than the weights (CPU)
+            q = q.to(k.dtype)  # the cache may store another dtype (``cache_dtype``)
         dropout = self.dropout if self.training else 0.0
         weights = None
         if implementation == "eager" or head_mask is not None or output_attentions:
@@ -135,7 +177,7 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(h, elementwise_affine=affine)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-                cache: KVCache | None, implementation: str,
+                cache: Cache | None, implementation: str,
                 head_mask: torch.Tensor | None = None, output_attentions: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         residual = x
@@ -168,12 +210,13 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
 
 
 class OPTDecoder(nn.Module):
-    """Token + position embeddings, the blocks, the final LN and projections."""
+    """Token + position embeddings, the blocks, the final LN and projections: the one stack."""
 
-    def __init__(self, config: OPTConfig) -> None:
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa") -> None:
         super().__init__()
         h, e = config.hidden_size, config.word_embed_proj_dim
         self.config = config
+        self.attn_implementation = attn_implementation
         self.embed_tokens = nn.Embedding(config.vocab_size, e, config.pad_token_id)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, h)
         # 350m: 512-wide embeddings, projected to the 1024-wide blocks and back, no bias.
@@ -184,6 +227,45 @@ class OPTDecoder(nn.Module):
             if config.has_final_layer_norm else None)
         self.layers = nn.ModuleList(
             [OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                cache: Cache | None = None, *, is_causal: bool = False,
+                trace: Trace | None = None) -> torch.Tensor:
+        """embed -> project_in -> + positions -> layers -> final LN -> project_out.
+
+        Args:
+            x: (B, T) token ids, or (B, T, word_embed_proj_dim) embeddings.
+            positions: (B, T) positions of the new tokens (before OPT's offset of 2).
+            mask: (B, 1, T, S) bool, True where a query may see a key (S = what the cache's
+                ``update`` returns, or T without a cache); None with ``is_causal`` or when
+                every query sees every key.
+            cache: any ``Cache``; written by every layer, advanced by T once at the end.
+            trace: HF's ``head_mask`` and per-layer outputs (see ``Trace``).
+        Returns:
+            The last hidden state (B, T, word_embed_proj_dim).
+        """
+        if not x.is_floating_point():
+            x = self.embed_tokens(x)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions(positions).to(x.dtype)
+        drop = self.config.layerdrop if self.training else 0.0
+        for i, layer in enumerate(self.layers):
+            if drop > 0 and torch.rand(()) < drop:
+                continue
+            if trace is None:
+                x, _ = layer(x, mask, is_causal, cache, self.attn_implementation)
+            else:
+                x = trace.run(layer, i, x, mask, is_causal, cache, self.attn_implementation)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        if trace is not None and trace.hidden_states is not None:
+            trace.hidden_states.append(x)
+        if cache is not None:
+            cache.advance(positions.shape[1])
+        return x
 
 
 def positions_from_mask(attention_mask: torch.Tensor, past: int) -> torch.Tensor:
@@ -218,7 +300,8 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, t: int,
 
 
 class OPTModel(nn.Module):
-    """OPT's decoder stack: token ids (or embeddings) in, hidden states out.
+    """OPT's decoder stack with HF's calling convention: token ids (or embeddings) in,
+    hidden states out.
 
     ``attn_implementation`` is ``"sdpa"`` (default, ``scaled_dot_product_attention``) or
     ``"eager"`` (explicit softmax; used automatically for ``head_mask`` and
@@ -231,8 +314,11 @@ class OPTModel(nn.Module):
             raise ValueError(f"attn_implementation={attn_implementation!r}; expected one of "
                              f"{ATTENTION_IMPLEMENTATIONS}")
         self.config = config
-        self.attn_implementation = attn_implementation
-        self.decoder = OPTDecoder(config)
+        self.decoder = OPTDecoder(config, attn_implementation)
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.decoder.attn_implementation
 
     def forward(self, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
@@ -255,45 +341,44 @@ class OPTModel(nn.Module):
         Returns:
             ``DecoderOutput`` with the last hidden state (B, T, word_embed_proj_dim).
         """
-        d = self.decoder
         x = self._embed(input_ids, inputs_embeds)
         bsz, t = x.shape[:2]
+        device = x.device
         if cache is None and use_cache:
-            cache = KVCache.for_model(self.config, bsz, t, dtype=x.dtype, device=x.device)
+            cache = KVCache.for_model(self.config, bsz, t, dtype=x.dtype, device=device)
         past = cache.length if cache is not None else 0
         if past + t > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence of {past + t} positions exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}")
         if position_ids is None:
-            position_ids = self._positions(attention_mask, past, bsz, t, x.device)
-        if d.project_in is not None:
-            x = d.project_in(x)
-        x = x + d.embed_positions(position_ids).to(x.dtype)
-        mask, is_causal = attention_mask_4d(attention_mask, past, t, x.device)
-        head_mask = _layer_head_mask(head_mask, self.config)
+            position_ids = self._positions(attention_mask, past, bsz, t, device)
+        mask, is_causal = attention_mask_4d(attention_mask, past, t, device)
+        trace = Trace.of(self.config, head_mask, output_hidden_states, output_attentions)
+        hidden = self.decoder(x, position_ids, mask, cache, is_causal=is_causal, trace=trace)
+        return DecoderOutput(
+            hidden, cache,
+            tuple(trace.hidden_states) if output_hidden_states else None,
+            tuple(trace.attentions) if output_attentions else None)
 
-        hidden, attentions = [], []
-        for i, layer in enumerate(d.layers):
-            if self.training and self.config.layerdrop > 0 and torch.rand(()) < self.config.layerdrop:
-                continue
-            if output_hidden_states:
-                hidden.append(x)
-            x, weights = layer(x, mask, is_causal, cache, self.attn_implementation,
-                               None if head_mask is None else head_mask[i], output_attentions)
-            if output_attentions:
-                attentions.append(weights)
-        if d.final_layer_norm is not None:
-            x = d.final_layer_norm(x)
-        if d.project_out is not None:
-            x = d.project_out(x)
-        if output_hidden_states:
-            hidden.append(x)
-        if cache is not None:
-            cache.advance(t)
-        return DecoderOutput(x, cache if (use_cache or cache is not None) else None,
-                             tuple(hidden) if output_hidden_states else None,
-                             tuple(attentions) if output_attentions else None)
+    def static_step(self, input_ids: torch.Tensor, key_mask: torch.Tensor,
+                    cache_k: torch.Tensor, cache_v: torch.Tensor, write_at: torch.Tensor
+                    ) -> torch.Tensor:
+        """One new token per row with shapes that never change, for ``torch.compile``.
+
+        Args:
+            input_ids: (B, 1) the new tokens.
+            key_mask: (B, capacity) bool, True for every real position up to and including
+                the new token's slot ``write_at``, False elsewhere.
+            cache_k / cache_v: a ``KVCache``'s ``k`` and ``v`` buffers, written in place.
+            write_at: (1,) long, the slot the new token's keys/values go to.
+        Returns:
+            The last hidden state (B, 1, word_embed_proj_dim).
+        """
+        positions = key_mask.sum(dim=1, keepdim=True) - 1  # (B, 1): padding does not count
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, capacity)
+        cache = StaticCacheView(cache_k, cache_v, write_at)
+        return self.decoder(input_ids, positions, mask, cache)
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
                ) -> torch.Tensor:
@@ -318,54 +403,10 @@ class OPTModel(nn.Module):
                              f"(batch, past + new) = ({bsz}, {past + t})")
         return positions_from_mask(attention_mask, past)
 
-    def static_step(self, input_ids: torch.Tensor, key_mask: torch.Tensor,
-                    cache_k: torch.Tensor, cache_v: torch.Tensor, write_at: torch.Tensor
-                    ) -> torch.Tensor:
-        """One new token per row with shapes that never change, for ``torch.compile``.
-
-        Args:
-            input_ids: (B, 1) the new tokens.
-            key_mask: (B, capacity) bool, True for every real position up to and including
-                the new token's slot ``write_at``, False elsewhere.
-            cache_k / cache_v: a ``KVCache``'s ``k`` and ``v`` buffers, written in place.
-            write_at: (1,) long, the slot the new token's keys/values go to.
-        Returns:
-            The last hidden state (B, 1, word_embed_proj_dim).
-        """
-        d = self.decoder
-        positions = key_mask.sum(dim=1, keepdim=True) - 1  # (B, 1): padding does not count
-        x = d.embed_tokens(input_ids)
-        if d.project_in is not None:
-            x = d.project_in(x)
-        x = x + d.embed_positions(positions).to(x.dtype)
-        mask = key_mask[:, None, None, :]  # (B, 1, 1, capacity)
-        slots = _SlotWriter(cache_k, cache_v, write_at)
-        for layer in d.layers:
-            x, _ = layer(x, mask, False, slots, "sdpa")
-        if d.final_layer_norm is not None:
-            x = d.final_layer_norm(x)
-        if d.project_out is not None:
-            x = d.project_out(x)
-        return x
-
     def fuse_qkv(self) -> None:
         """Fuse every layer's q/k/v projections (a speed option; results are unchanged)."""
         for layer in self.decoder.layers:
             layer.self_attn.fuse_qkv()
-
-
-class _SlotWriter:
-    """The KV cache as a static-shape step sees it: new keys/values are written at a tensor
-    index and attention reads the whole capacity (masked), so shapes never change."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
-        self.k, self.v, self.index = k, v, index
-
-    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer].index_copy_(2, self.index, k_new.to(self.k.dtype))
-        self.v[layer].index_copy_(2, self.index, v_new.to(self.v.dtype))
-        return self.k[layer], self.v[layer]  # (B, H, capacity, D)
 
 
 def _layer_head_mask(head_mask: torch.Tensor | None, config: OPTConfig

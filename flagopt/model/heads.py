@@ -57,6 +57,10 @@ class _OPTHead(nn.Module):
         """Fuse q/k/v projections in every layer (speed; results unchanged)."""
         self.model.fuse_qkv()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding, ``model.decoder.embed_tokens`` (HF's name for the accessor)."""
+        return self.model.decoder.embed_tokens
+
     def tie_weights(self) -> None:
         """Nothing to tie by default; the LM head overrides this."""
 
@@ -77,7 +81,29 @@ class OPTForCausalLM(_OPTHead):
         """Make ``lm_head.weight`` the token-embedding matrix (OPT's head has no weights of
         its own unless the config says ``tie_word_embeddings: false``)."""
         if self.tied:
-            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+            self.lm_head.weight = self.get_input_embeddings().weight
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The LM head (HF's name for the accessor)."""
+        return self.lm_head
+
+    def last_hidden_state(self, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None,
+                          cache: KVCache | None = None) -> torch.Tensor:
+        """The decoder's output (B, T, word_embed_proj_dim) for ``input_ids`` (B, T) after
+        what ``cache`` holds; ``attention_mask`` (B, past + T) as in ``forward``."""
+        return self.model(input_ids, attention_mask, cache).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits (..., vocab) of hidden states (..., word_embed_proj_dim).
+
+        Pass only the positions you need (e.g. ``hidden[:, -1]``): the head is the largest
+        matrix product of a decoding step.
+        """
+        # As 2-D rows: a 3-D slice can miss matmul's folding and copy the whole (vocab, dim)
+        # head weight into a batched product (measured: 90 ms and gigabytes in bf16).
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        return self.lm_head(rows).view(*hidden.shape[:-1], -1)
 
     def forward(self, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
@@ -100,15 +126,11 @@ class OPTForCausalLM(_OPTHead):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        # As 2-D rows: a 3-D slice can miss matmul's folding and copy the whole (vocab, dim)
-        # head weight into a batched product (measured: 90 ms and gigabytes in bf16).
-        bsz, t, dim = hidden.shape
-        logits = self.lm_head(hidden.reshape(bsz * t, dim)).view(bsz, t, -1)
+        logits = self.logits(hidden)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutput(logits, loss, out.cache, out.hidden_states, out.attentions)
-
 
     def static_step(self, input_ids: torch.Tensor, key_mask: torch.Tensor,
                     cache_k: torch.Tensor, cache_v: torch.Tensor, write_at: torch.Tensor
@@ -116,7 +138,7 @@ class OPTForCausalLM(_OPTHead):
         """Next-token logits (B, vocab) for one new token per row, static shapes (see
         ``OPTModel.static_step``); what ``generate(compile=True)`` compiles."""
         hidden = self.model.static_step(input_ids, key_mask, cache_k, cache_v, write_at)
-        return self.lm_head(hidden[:, 0])
+        return self.logits(hidden[:, 0])
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -117,9 +117,11 @@ def int8_modules(model: nn.Module, dtype: torch.dtype) -> None:
 
 def tie_int8(model: nn.Module) -> None:
     """Share the embedding's int8 matrix and scales with the LM head (OPT ties them)."""
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, Int8Linear) and getattr(model, "tied", False):
-        embed = model.model.decoder.embed_tokens
+    if not hasattr(model, "get_output_embeddings") or not getattr(model, "tied", False):
+        return
+    head = model.get_output_embeddings()
+    if isinstance(head, Int8Linear):
+        embed = model.get_input_embeddings()
         head.weight = embed.weight
         head.scale = embed.scale
 

@@ -20,7 +20,6 @@ from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.processors import apply_processors
 
 
-
 class ContrastiveChooser(Chooser):
     """``top_k`` candidate rows per prompt; the cache rows of a prompt stay identical."""
 
@@ -38,15 +37,14 @@ class ContrastiveChooser(Chooser):
     def prefill(self, state: DecodeState) -> torch.Tensor:
         """Run each prompt once into its ``top_k`` rows; keep its hidden states as context."""
         t, model = state.prompt_len, state.model
-        hidden = prefill_once_per_prompt(state, self.k, lambda ids, mask, cache: model.model(
-            ids, attention_mask=mask, cache=cache).last_hidden_state)  # (B, T, E)
+        hidden = prefill_once_per_prompt(state, self.k, model.last_hidden_state)  # (B, T, E)
         mask = None if state.mask is None else state.mask[::self.k, :t]
         total = state.tokens.shape[1]
         self.context = hidden.new_zeros(self.b, total, hidden.shape[-1])
         self.context[:, :t] = hidden
         self.context_mask = torch.zeros(self.b, total, dtype=torch.bool, device=hidden.device)
         self.context_mask[:, :t] = True if mask is None else mask.bool()
-        return model.lm_head(hidden[:, -1])  # (B, V)
+        return model.logits(hidden[:, -1])  # (B, V)
 
     def choose(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
         b, k, cur = self.b, self.k, state.length
@@ -55,8 +53,7 @@ class ContrastiveChooser(Chooser):
             scores = self._apply(scores, state)
         probs = scores.softmax(-1)
         top_p, top_ids = probs.topk(k, dim=-1)  # (B, K)
-        out = self._run_candidates(top_ids.view(-1), state)
-        hidden = out.last_hidden_state[:, -1].view(b, k, -1)  # (B, K, E)
+        hidden = self._run_candidates(top_ids.view(-1), state)[:, -1].view(b, k, -1)  # (B, K, E)
         penalty = self._degeneration_penalty(hidden, cur)  # (B, K)
         score = (1.0 - self.alpha) * top_p - self.alpha * penalty
         sel = score.argmax(-1)  # (B,)
@@ -64,7 +61,7 @@ class ContrastiveChooser(Chooser):
         nxt = top_ids[rows, sel]
         self.context[:, cur] = hidden[rows, sel]
         self.context_mask[:, cur] = True
-        self.pending = state.model.lm_head(hidden[rows, sel])  # (B, V)
+        self.pending = state.model.logits(hidden[rows, sel])  # (B, V)
         state.cache.reorder((self.group + sel).repeat_interleave(k))
         logp = scores.log_softmax(-1)[rows, nxt]
         step = cur - state.prompt_len
@@ -76,12 +73,13 @@ class ContrastiveChooser(Chooser):
     def _apply(self, scores: torch.Tensor, state: DecodeState) -> torch.Tensor:
         return apply_processors(self.processors, state.history[::self.k, :state.length], scores)
 
-    def _run_candidates(self, ids: torch.Tensor, state: DecodeState):
+    def _run_candidates(self, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Hidden states (R, 1, E) of one candidate token per cache row."""
         end = state.cache.length + 1
         mask = None if state.mask is None else state.mask[:, :end].clone()
         if mask is not None:
             mask[:, -1] = 1
-        return state.model.model(ids[:, None], attention_mask=mask, cache=state.cache)
+        return state.model.last_hidden_state(ids[:, None], mask, state.cache)
 
     def _degeneration_penalty(self, hidden: torch.Tensor, cur: int) -> torch.Tensor:
         ctx = self.context[:, :cur]  # (B, S, E)

@@ -4,14 +4,20 @@
 
 The loop lives in ``decode_steps``. Strategies differ only in how they run the model and choose
 the next token (``Chooser`` subclasses here and in ``beam.py`` / ``contrastive.py``, listed in
-``strategies.py``). Work stays on the
-device: the only host synchronisation per step is the "are all rows done?" check (every step
-on CPU, every few steps on CUDA, where rows that are done just emit padding meanwhile) and,
-only when stop strings are given, decoding the newest text.
+``generation.CHOOSERS``). Work stays on the device: the only host synchronisation per step is the "are all rows done?" check (every step
+on CPU, every few steps on CUDA, where rows that are done just emit padding meanwhile), which
+also reads whether any logits so far were NaN/inf, and, only when stop strings are given,
+decoding the newest text. Non-finite logits therefore raise ``NonFiniteLogitsError`` at the
+next check: before that step's tokens are yielded on CPU, within ``check_every`` steps on CUDA.
+
+The KV cache stores the model's own dtype unless ``cache_dtype`` says otherwise; float32
+for a bf16/fp16 model on CPU is often faster there (its attention kernels are), but changes
+the numbers slightly, so it is a choice, never a default.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -70,7 +76,7 @@ class DecodeState:
     done: torch.Tensor  # (R,) bool
     reasons: list[str] = field(default_factory=list)  # "stop" once a stop string ends a row
     stop_counts: dict[int, int] = field(default_factory=dict)  # row -> new tokens at its stop
-    step: Callable | None = None  # compiled static-shape one-token step (compile=True)
+    step: Callable | None = None  # compiled ``type(model).static_step`` (compile=True)
     key_mask: torch.Tensor | None = None  # (R, cache capacity) bool, for ``step``
     write_at: torch.Tensor | None = None  # (1,) long, for ``step``
 
@@ -87,7 +93,8 @@ class DecodeState:
         slot = self.cache.length
         self.key_mask[:, slot] = True
         self.write_at.fill_(slot)
-        logits = self.step(input_ids, self.key_mask, self.cache.k, self.cache.v, self.write_at)
+        logits = self.step(self.model, input_ids, self.key_mask, self.cache.k, self.cache.v,
+                           self.write_at)
         self.cache.advance(1)
         return logits
 
@@ -192,8 +199,8 @@ def prefill_once_per_prompt(state: DecodeState, k: int,
     """
     t, rows = state.prompt_len, state.tokens.shape[0]
     first = slice(0, None, k)  # row 0 of each prompt's k rows
-    small = KVCache.for_model(state.model.config, rows // k, t, dtype=state.cache.k.dtype,
-                              device=state.cache.k.device)
+    small = KVCache.for_model(state.model.config, rows // k, t, dtype=state.cache.dtype,
+                              device=state.cache.device)
     mask = None if state.mask is None else state.mask[first, :t]
     out = run(state.tokens[first, :t], mask, small)
     state.cache.copy_rows_from(small, k)
@@ -224,12 +231,13 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def start_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                max_new: int, rows_per_prompt: int = 1, compile: bool = False
-                ) -> DecodeState:
+                max_new: int, rows_per_prompt: int = 1, compile: bool = False,
+                cache_dtype: torch.dtype | None = None) -> DecodeState:
     """Allocate the cache and token buffers for the whole generation (no later growth).
 
     ``compile`` runs each one-token step through ``torch.compile`` of the model's
-    static-shape step (CUDA graphs on GPU); the results are the same.
+    static-shape step (CUDA graphs on GPU); the results are the same. ``cache_dtype`` is the
+    KV cache's dtype (see ``check_cache_dtype``); None is the model's own.
     """
     bsz, t = input_ids.shape
     rows = bsz * rows_per_prompt
@@ -248,8 +256,8 @@ def start_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     # A compiled step is specialised to its cache capacity: round it up so that calls of
     # similar lengths share one compilation.
     capacity = _bucket(total, model.config.max_position_embeddings) if compile else total
-    cache = KVCache.for_model(model.config, rows, capacity, dtype=_cache_dtype(model, device),
-                              device=device)
+    cache = KVCache.for_model(model.config, rows, capacity,
+                              dtype=_cache_dtype(model, cache_dtype), device=device)
     state = DecodeState(model, cache, tokens, history, mask, t, max_new, t,
                         torch.zeros(rows, dtype=torch.bool, device=device), [""] * rows)
     if compile:
@@ -265,30 +273,62 @@ def _bucket(total: int, max_positions: int, step: int = 128) -> int:
     return max(total, min(-(-total // step) * step, max_positions))
 
 
+# Compiled steps by model, off the model itself. Each is compiled from the class's unbound
+# ``static_step`` and called with the model, so the entry holds no reference to its key and
+# goes when the model does.
+_COMPILED_STEPS: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
 def compiled_step(model: nn.Module) -> Callable:
-    """``torch.compile`` of ``model.static_step``, made once per model and kept on it.
+    """``torch.compile`` of ``type(model).static_step``, made once per model; call it as
+    ``step(model, input_ids, key_mask, cache_k, cache_v, write_at)``.
 
     On CUDA it uses CUDA graphs ("reduce-overhead"). Shapes are static per (rows, capacity),
     so a new batch size or length compiles once more.
     """
-    step = model.__dict__.get("_flagopt_compiled_step")
+    step = _COMPILED_STEPS.get(model)
     if step is None:
         if not hasattr(model, "static_step"):
             raise TypeError(f"compile=True needs a causal LM, got {type(model).__name__}")
         device = next(model.parameters()).device
         mode = "reduce-overhead" if device.type == "cuda" else None
-        step = torch.compile(model.static_step, dynamic=False, mode=mode)
-        model.__dict__["_flagopt_compiled_step"] = step
+        step = torch.compile(type(model).static_step, dynamic=False, mode=mode)
+        _COMPILED_STEPS[model] = step
     return step
 
 
-def _cache_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
-    """The model's float dtype, except float32 for half-precision models on CPU: CPU
-    attention kernels run several times faster in float32 than in bf16/fp16 there, and the
-    cache is small next to the weights."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                 torch.float32)
-    return torch.float32 if device.type == "cpu" else dtype
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_cache_dtype(cache_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """Validate a ``cache_dtype`` option: None (the model's dtype), a ``torch.dtype`` or its
+    name among float32, float16 and bfloat16. Returns the ``torch.dtype`` or None.
+
+    Raises:
+        ValueError / TypeError: any other value.
+    """
+    if cache_dtype is None:
+        return None
+    names = ", ".join(str(d).removeprefix("torch.") for d in CACHE_DTYPES)
+    if isinstance(cache_dtype, str):
+        dtype = getattr(torch, cache_dtype.removeprefix("torch."), None)
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype={cache_dtype!r}; expected None or one of {names}")
+        return dtype
+    if not isinstance(cache_dtype, torch.dtype):
+        raise TypeError(f"cache_dtype must be a torch.dtype, its name or None, got "
+                        f"{type(cache_dtype).__name__}")
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype={cache_dtype}; expected None or one of {names}")
+    return cache_dtype
+
+
+def _cache_dtype(model: nn.Module, cache_dtype: torch.dtype | str | None) -> torch.dtype:
+    """``cache_dtype`` when given, else the model's float dtype (the reference's numerics)."""
+    chosen = check_cache_dtype(cache_dtype)
+    if chosen is not None:
+        return chosen
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def decode_steps(state: DecodeState, chooser: Chooser,
@@ -301,31 +341,53 @@ def decode_steps(state: DecodeState, chooser: Chooser,
         chooser: the strategy.
         stop_strings: host-side stop strings, checked each step when given.
         check_every: steps between "all rows done?" host checks (1 on CPU).
+    Raises:
+        NonFiniteLogitsError: the model produced NaN/inf logits (read at the host check).
     """
     logits = chooser.prefill(state)
+    bad_at = torch.full((), _NO_POSITION, dtype=torch.long, device=state.done.device)
     for step in range(state.max_new):
-        _check_finite(logits, state)
+        logits = _track_finite(logits, bad_at, state)
         nxt = chooser.choose(logits, state)
         state.append(nxt)
         if stop_strings is not None:
             _apply_stop_strings(stop_strings, state)
-        yield nxt
         last = step == state.max_new - 1
-        if last or ((step + 1) % check_every == 0 and bool(state.done.all())):
+        if last or (step + 1) % check_every == 0:
+            done, first_bad = torch.stack([state.done.all().long(), bad_at]).tolist()
+            _raise_if_bad(first_bad, logits.dtype)
+            last = last or bool(done)
+        yield nxt
+        if last:
             break
         logits = chooser.next_logits(nxt, state)
 
 
-def _check_finite(logits: torch.Tensor, state: DecodeState) -> None:
+_NO_POSITION = 2 ** 62  # "no non-finite logits yet"
+
+
+def _track_finite(logits: torch.Tensor, bad_at: torch.Tensor, state: DecodeState
+                  ) -> torch.Tensor:
+    """Record in ``bad_at`` (on the device, no sync) the first position whose logits hold
+    NaN/inf, and zero those rows so that the choice cannot fail on them (sampling would)
+    before the next host check raises."""
     # NaN and +-inf survive a row sum, so one reduction finds them (finite logits are far too
     # small for a float32 sum over the vocabulary to overflow).
-    if not bool(torch.isfinite(logits.sum(-1, dtype=torch.float32)).all()):
-        dtype = str(logits.dtype).removeprefix("torch.")
-        hint = (f"this is usually {dtype} overflow: load the model in float32 or bfloat16"
-                if logits.dtype == torch.float16 else
-                "the weights or the inputs hold NaN/inf, or the activations overflowed")
-        raise NonFiniteLogitsError(
-            f"the model produced NaN/inf logits in {dtype} at position {state.length}; {hint}")
+    finite = torch.isfinite(logits.sum(-1, dtype=torch.float32))  # (R,)
+    all_finite = finite.all()
+    torch.minimum(bad_at, torch.where(all_finite, _NO_POSITION, state.length), out=bad_at)
+    return torch.where(finite[:, None], logits, 0.0)
+
+
+def _raise_if_bad(first_bad: int, dtype: torch.dtype) -> None:
+    if first_bad == _NO_POSITION:
+        return
+    name = str(dtype).removeprefix("torch.")
+    hint = (f"this is usually {name} overflow: load the model in float32 or bfloat16"
+            if dtype == torch.float16 else
+            "the weights or the inputs hold NaN/inf, or the activations overflowed")
+    raise NonFiniteLogitsError(
+        f"the model produced NaN/inf logits in {name} at position {first_bad}; {hint}")
 
 
 def _apply_stop_strings(stops: StopStrings, state: DecodeState) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flagopt.predictor.engine import GenerationResult
+from flagopt.predictor.engine import GenerationResult, check_cache_dtype
 from flagopt.predictor.generation import drain, iter_generate
 from flagopt.predictor.params import GenerationParams, check
 from flagopt.predictor.stopping import cut_at_stop
@@ -78,13 +78,16 @@ class Predictor:
     """Generation with an OPT causal LM and its tokenizer (FlagAI-compatible methods)."""
 
     def __init__(self, model: nn.Module, tokenizer: OPTTokenizer, *,
-                 compile: bool = False) -> None:
+                 compile: bool = False, cache_dtype: torch.dtype | str | None = None) -> None:
         """Args:
             model: an ``OPTForCausalLM``.
             tokenizer: its ``OPTTokenizer``.
             compile: run decoding steps through ``torch.compile`` (CUDA graphs on GPU):
                 same results, less per-token overhead after a one-time compilation per
                 batch shape.
+            cache_dtype: the KV cache's dtype (float32, float16, bfloat16); None is the
+                model's own. float32 for a half-precision model on CPU is often faster
+                and changes the numbers slightly.
         """
         if not hasattr(model, "lm_head"):
             raise TypeError(f"Predictor needs a causal LM (OPTForCausalLM), got "
@@ -94,6 +97,7 @@ class Predictor:
         self.model = model
         self.tokenizer = tokenizer
         self.compile = compile
+        self.cache_dtype = check_cache_dtype(cache_dtype)
 
     # --- FlagAI's methods ------------------------------------------------------------------
 
@@ -180,7 +184,8 @@ class Predictor:
             return
         enc = self._encode([text], input_max_length)
         steps = iter_generate(self.model, enc.input_ids, enc.attention_mask, gen,
-                              decode=self.tokenizer.decode, compile=self.compile)
+                              decode=self.tokenizer.decode, compile=self.compile,
+                              cache_dtype=self.cache_dtype)
         yield from _StopAwareStream(self.tokenizer, gen.stop).run(steps)
 
     # --- helpers -----------------------------------------------------------------------------
@@ -203,7 +208,8 @@ class Predictor:
                   ) -> GenerateOutput:
         enc = self._encode(texts, input_max_length)
         steps = iter_generate(self.model, enc.input_ids, enc.attention_mask, gen,
-                              decode=self.tokenizer.decode, compile=self.compile)
+                              decode=self.tokenizer.decode, compile=self.compile,
+                              cache_dtype=self.cache_dtype)
         result = drain(steps)
         return GenerateOutput(self._decode(result, enc.truncated, gen), result, enc.truncated)
 
