@@ -128,6 +128,25 @@ def test_untrusted_names_still_may_not_escape(tmp_path: Path, name: str) -> None
         safe_join(tmp_path, name)
 
 
+# --- 2. one cache directory per (repo, revision) ---------------------------------------------
+
+
+def test_dirname_is_injective() -> None:
+    specs = [ModelSpec(name="a", repo="x/y", revision="foo--bar"),
+             ModelSpec(name="b", repo="x/y", revision="foo/bar"),
+             ModelSpec(name="c", repo="x/y", revision="main"),
+             ModelSpec(name="d", repo="x-/y", revision="main")]
+    names = [s.dirname for s in specs]
+    assert len(set(names)) == len(names), names
+    assert specs[2].dirname == "x--y"  # the existing layout of plain repos is kept
+
+
+@pytest.mark.parametrize("value", ["x/y--z", "x--y/z", "x-/y", "x/y.", "x/-y"])
+def test_double_dash_and_edge_punctuation_refused_in_repo_ids(value: str) -> None:
+    assert parse_repo_id(value) is None
+    assert parse_repo_id("x/y-z.v1_2") == ("x/y-z.v1_2", "main")
+
+
 # --- 3. a resume never stitches two versions --------------------------------------------------
 
 
