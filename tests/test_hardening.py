@@ -269,3 +269,71 @@ def test_read_only_cache_names_the_directory(hub_server: HubServer, tmp_path: Pa
                 hub.download_file(hub_server.url(REPO, CONFIG), dest, **FAST)
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# --- 7. every config field validated -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [
+    ("pad_token_id", 10 ** 9), ("pad_token_id", "1"), ("pad_token_id", None),
+    ("pad_token_id", 1.5), ("pad_token_id", True), ("bos_token_id", -1),
+    ("eos_token_id", 128), ("init_std", -1), ("init_std", "0.02"), ("init_std", 0),
+    ("init_std", float("inf")), ("init_std", float("nan")), ("dropout", True),
+    ("vocab_size", 2.0), ("num_hidden_layers", "2"), ("do_layer_norm_before", 1),
+    ("enable_bias", "yes"), ("use_cache", None), ("torch_dtype", 16),
+    ("torch_dtype", "float17"), ("activation_function", ["relu"]), ("id2label", [1, 2]),
+    ("layerdrop", -0.5), ("num_labels", 0),
+])
+def test_config_field_validated_with_file_field_value(tmp_path: Path, field: str,
+                                                      value: object) -> None:
+    data = {**OPTConfig(**TINY).to_dict(), field: value}
+    path = tmp_path / CONFIG
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as info:
+        OPTConfig.from_json(path)
+    message = str(info.value)
+    assert str(path) in message and field.removeprefix("id2") in message
+    assert repr(value)[:6] in message or field == "id2label"
+
+
+def test_valid_configs_still_load(tmp_path: Path) -> None:
+    for extra in ({}, {"torch_dtype": "float16"}, {"init_std": 1}, {"dropout": 0}):
+        config = OPTConfig(**TINY, **extra)
+        assert OPTConfig.from_dict(config.to_dict()) == config
+
+
+# --- 8. JSON that is not the JSON we want ------------------------------------------------------
+
+
+DEEP = "[" * 200_000 + "]" * 200_000
+
+
+def test_deep_or_non_utf8_config(tmp_path: Path) -> None:
+    path = tmp_path / CONFIG
+    for text in (DEEP.encode(), b'{"vocab_size": "\xff\xfe"}'):
+        path.write_bytes(text)
+        with pytest.raises(ConfigError, match=str(path)):
+            OPTConfig.from_json(path)
+
+
+def test_deep_index(tmp_path: Path) -> None:
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ' + DEEP + "}")
+    with pytest.raises(CorruptCheckpointError, match=str(index)):
+        checkpoint.find_weight_files(tmp_path)
+
+
+def test_deep_tokenizer_config(tmp_path: Path) -> None:
+    from flagopt.tokenizer import _read_json
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(DEEP)
+    with pytest.raises(TokenizerError, match=str(path)):
+        _read_json(path)
+
+
+def test_deep_registry(tmp_path: Path) -> None:
+    from flagopt.auto_model.registry import load_registry
+    path = tmp_path / "registry.json"
+    path.write_text(DEEP)
+    with pytest.raises(RegistryError, match=str(path)):
+        load_registry(path)

@@ -456,7 +456,7 @@ def _index_shards(index_path: Path) -> list[str]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         shards = list(dict.fromkeys(weight_map.values()))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptCheckpointError(f"{index_path} has no usable 'weight_map' ({exc}); "
                                      f"delete it and download again") from exc
     if not shards or not all(isinstance(s, str) for s in shards):

@@ -193,8 +193,9 @@ def _read_registry_file(path: Path, source: str) -> dict[str, ModelSpec]:
         data = json.loads(path.expanduser().read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RegistryError(f"{source}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RegistryError(f"{source}: cannot read it as JSON ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # incl. UnicodeDecode, JSONDecode
+        raise RegistryError(f"{source}: cannot read it as JSON ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
     return _parse_registry(data, source)
 
 

@@ -81,9 +81,10 @@ def read_index(index_path: Path) -> list[Path]:
     """Shard paths named by a ``*.index.json`` (``{"weight_map": {tensor: shard}}``)."""
     try:
         data = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSON and UnicodeDecodeError: ValueErrors
         raise CorruptCheckpointError(
-            f"{index_path} is not valid JSON ({exc}); re-download the checkpoint") from exc
+            f"{index_path} is not valid JSON in UTF-8 ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"re-download the checkpoint") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(v, str) for v in weight_map.values()):
