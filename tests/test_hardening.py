@@ -282,7 +282,7 @@ def test_read_only_cache_names_the_directory(hub_server: HubServer, tmp_path: Pa
     ("vocab_size", 2.0), ("num_hidden_layers", "2"), ("do_layer_norm_before", 1),
     ("enable_bias", "yes"), ("use_cache", None), ("torch_dtype", 16),
     ("torch_dtype", "float17"), ("activation_function", ["relu"]), ("id2label", [1, 2]),
-    ("layerdrop", -0.5), ("num_labels", 0),
+    ("layerdrop", -0.5), ("num_labels", 0), ("vocab_size", 10 ** 12),
 ])
 def test_config_field_validated_with_file_field_value(tmp_path: Path, field: str,
                                                       value: object) -> None:
@@ -300,6 +300,29 @@ def test_valid_configs_still_load(tmp_path: Path) -> None:
     for extra in ({}, {"torch_dtype": "float16"}, {"init_std": 1}, {"dropout": 0}):
         config = OPTConfig(**TINY, **extra)
         assert OPTConfig.from_dict(config.to_dict()) == config
+
+
+def test_absurd_layer_count_caught_before_building(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = write_random_checkpoint(tmp_path / "m", OPTConfig(**TINY), layout="safetensors",
+                                        tokenizer=False)
+    config = json.loads((directory / CONFIG).read_text())
+    (directory / CONFIG).write_text(json.dumps({**config, "num_hidden_layers": 20000}))
+    built = []
+    monkeypatch.setattr("flagopt.model.heads.OPTForCausalLM.__init__",
+                        lambda *a, **k: built.append(1))
+    with pytest.raises(ShapeMismatchError, match="num_hidden_layers.*20000.*2 layers"):
+        load_pretrained(directory)
+    assert built == []
+
+
+def test_absurd_vocab_caught_before_building(tmp_path: Path) -> None:
+    directory = write_random_checkpoint(tmp_path / "m", OPTConfig(**TINY), layout="bin",
+                                        tokenizer=False)
+    config = json.loads((directory / CONFIG).read_text())
+    (directory / CONFIG).write_text(json.dumps({**config, "vocab_size": 10 ** 9}))
+    with pytest.raises(ShapeMismatchError, match="embed_tokens.*vocab_size"):
+        load_pretrained(directory)
 
 
 # --- 8. JSON that is not the JSON we want ------------------------------------------------------
@@ -337,3 +360,37 @@ def test_deep_registry(tmp_path: Path) -> None:
     path.write_text(DEEP)
     with pytest.raises(RegistryError, match=str(path)):
         load_registry(path)
+
+
+# --- 9. tensors that lie ------------------------------------------------------------------------
+
+
+def _relabel_dtype(path: Path, tensor: str, dtype: str) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header[tensor]["dtype"] = dtype
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    path.write_bytes(raw[:8] + text + raw[8 + n:])
+
+
+def test_float_weight_relabelled_int_is_refused(tmp_path: Path) -> None:
+    directory = write_random_checkpoint(tmp_path / "m", OPTConfig(**TINY), layout="safetensors",
+                                        dtype=torch.float32, tokenizer=False)
+    _relabel_dtype(directory / "model.safetensors", "model.decoder.layers.0.fc1.weight", "I32")
+    with pytest.raises(CorruptCheckpointError, match="fc1.weight.*int32.*floating"):
+        load_pretrained(directory)
+
+
+def test_tensor_in_two_shards_is_refused(tmp_path: Path) -> None:
+    directory = write_random_checkpoint(tmp_path / "m", OPTConfig(**TINY), layout="safetensors",
+                                        num_shards=2, tokenizer=False)
+    from safetensors.torch import load_file
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    name = "model.decoder.final_layer_norm.bias"
+    other = next(s for s in set(index["weight_map"].values()) if s != index["weight_map"][name])
+    tensors = load_file(directory / other)
+    save_file({**tensors, name: torch.full((32,), 7.0, dtype=torch.float16)}, directory / other)
+    with pytest.raises(CorruptCheckpointError, match="final_layer_norm.bias.*both"):
+        load_pretrained(directory)

@@ -101,6 +101,38 @@ def read_index(index_path: Path) -> list[Path]:
     return paths
 
 
+def read_layouts(paths: list[Path]) -> dict[str, tuple[torch.dtype, tuple[int, ...], Path]]:
+    """``{our name: (dtype, shape, file)}`` from the files' headers alone, no tensor data.
+
+    Covers safetensors and zip ``.bin`` files; a legacy pickle (read whole anyway) is left
+    out. Used to compare a config with the checkpoint before anything is built.
+
+    Raises:
+        CorruptCheckpointError: a header is malformed, or one tensor is stored in two files.
+    """
+    layouts: dict[str, tuple[torch.dtype, tuple[int, ...], Path]] = {}
+    for path in paths:
+        _reject_non_weights(path)
+        if path.suffix == ".safetensors":
+            stored = _safetensors_entries(path)
+        else:
+            stored = (_zip_entries(path) if zipfile.is_zipfile(path) else None) or []
+        for entry in stored:
+            name = hf_name(entry.name)
+            if name in layouts:
+                raise duplicate_tensor(name, layouts[name][2], path)
+            layouts[name] = (entry.dtype, entry.shape, path)
+    return layouts
+
+
+def duplicate_tensor(name: str, first: Path, second: Path) -> CorruptCheckpointError:
+    """The error for a tensor stored twice: which copy is right cannot be known."""
+    where = f"both {first.name} and {second.name}" if first != second else f"{first.name} twice"
+    return CorruptCheckpointError(
+        f"tensor {name!r} is stored in {where} (a shard from another checkpoint, or a "
+        f"hostile file); refusing to pick one: re-download the checkpoint")
+
+
 @dataclass(frozen=True)
 class _Stored:
     """Where one tensor's bytes lie in a weights file."""
