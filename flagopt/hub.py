@@ -646,6 +646,10 @@ def download_file(
             after the retries.
         InsufficientDiskSpaceError: the file does not fit, or the disk filled while writing.
         LockTimeoutError: another download held the lock too long.
+        UnexpectedContentError: not the file (redirect without Location, encoded body, HTML
+            page, unparsable small JSON moved to ``<dest>.invalid``); not retried.
+        ReadOnlyCacheError: ``dest``'s directory cannot be written.
+        UnsafePathError: a partial, validator or lock file is a symlink or not a regular file.
         UnsafeURLError: a non-http(s) URL or redirect target.
     """
     with _no_secrets():
