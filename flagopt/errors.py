@@ -85,6 +85,15 @@ class ChecksumError(DownloadError):
     """A downloaded file's size or hash does not match what was expected."""
 
 
+class UnexpectedContentError(DownloadError):
+    """The server answered with something other than the file: an HTML page, a redirect with
+    nowhere to go, an encoded body, or JSON that does not parse."""
+
+
+class ReadOnlyCacheError(DownloadError):
+    """A file is missing and the directory it would be downloaded to cannot be written."""
+
+
 class StalledDownloadError(DownloadError):
     """A transfer delivered too few bytes for too long and was cut off."""
 

@@ -8,6 +8,16 @@ a server that answers 200 starts the file over) → verify size and sha256 (or t
 SHA-1 of a small file) → ``os.replace`` into place. A file under its final name is complete
 and verified, so a later call finds it and makes no request at all.
 
+What counts as the file: only a 200 or 206 answer without a ``Content-Encoding`` (we ask for
+``identity``); a redirect without ``Location``, an encoded body or an HTML page where JSON or
+weights were expected is refused before anything is cached, and a small ``.json`` file that
+does not parse is moved aside to ``<dest>.invalid``. A resume sends ``If-Range`` with the
+validator (``ETag`` or ``Last-Modified``) kept in ``<dest>.incomplete.validator``, so a file that
+changed on the server starts over instead of being stitched from two versions; a partial file
+with neither a validator nor a checksum to catch such a change is not resumed. The partial,
+validator and lock files are opened without following symlinks. Credentials in a URL
+(``http://user:password@host``) never appear in a message or a log line.
+
 Transient failures (connection errors, timeouts, stalls, short bodies, 5xx, 429, checksum
 mismatches) are retried with exponential back-off and jitter; the count resets while bytes
 keep arriving. Redirects are followed by hand: only to http(s), and the token never goes to
@@ -21,11 +31,13 @@ import errno
 import fcntl
 import hashlib
 import http.client
+import json
 import logging
 import os
 import random
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +59,9 @@ from flagopt.errors import (
     InsufficientDiskSpaceError,
     LockTimeoutError,
     OfflineError,
+    ReadOnlyCacheError,
     StalledDownloadError,
+    UnexpectedContentError,
     UnsafePathError,
     UnsafeURLError,
 )
@@ -77,6 +91,11 @@ _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _SHA1_RE = re.compile(r"[0-9a-f]{40}")
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]*@")
+_READ_ONLY_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+_CHECKED_JSON_MAX = 16 * 1024 * 1024  # .json files up to this size are parsed before caching
+_NO_HTML_SUFFIXES = (".json", ".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".msgpack")
+_HTML_HEADS = (b"<!doctype", b"<html", b"<head", b"<body")
 
 _sleep = time.sleep  # the back-off sleep; tests replace it to observe the delays
 
@@ -146,6 +165,11 @@ class _Job:
         return _sibling(self.dest, ".incomplete")
 
     @property
+    def validator_path(self) -> Path:
+        """Beside the partial file: the ``ETag`` or ``Last-Modified`` its bytes came with."""
+        return _sibling(self.dest, ".incomplete.validator")
+
+    @property
     def sha256(self) -> str | None:
         return self.expected_sha256 or (self.meta.sha256 if self.meta else None)
 
@@ -199,7 +223,8 @@ def get_endpoint(endpoint: str | None = None) -> str:
     """
     value = endpoint if endpoint is not None else get_settings().endpoint or ""
     value = value or DEFAULT_ENDPOINT
-    _check_http_url(value, "endpoint")
+    with _no_secrets():
+        _check_http_url(value, "endpoint")
     return value.rstrip("/")
 
 
@@ -225,7 +250,32 @@ def _check_http_url(url: str, what: str) -> None:
     parts = urlsplit(url) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
             or any(c.isspace() or ord(c) < 32 for c in url):
-        raise UnsafeURLError(f"refusing {what} {url!r}: only http:// and https:// URLs are allowed")
+        shown = redact(url) if isinstance(url, str) else url
+        raise UnsafeURLError(
+            f"refusing {what} {shown!r}: only http:// and https:// URLs are allowed")
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced: ``http://***@host/...``."""
+    return _USERINFO_RE.sub(r"\1***@", text)
+
+
+@contextlib.contextmanager
+def _no_secrets() -> Iterator[None]:
+    """Redact URL credentials from any exception leaving the block (and its causes)."""
+    try:
+        yield
+    except Exception as exc:
+        seen: set[int] = set()
+        error: BaseException | None = exc
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            error.args = tuple(redact(a) if isinstance(a, str) else a for a in error.args)
+            if isinstance(getattr(error, "url", None), str):
+                with contextlib.suppress(AttributeError):
+                    error.url = redact(error.url)  # type: ignore[union-attr]
+            error = error.__cause__ or error.__context__
+        raise
 
 
 def _host(url: str) -> tuple[str, int | None]:
@@ -254,13 +304,16 @@ def _new_session() -> requests.Session:
     return session
 
 
-def _headers(token: str | None, cross_host: bool, offset: int = 0) -> dict[str, str | None]:
+def _headers(token: str | None, cross_host: bool, offset: int = 0,
+             if_range: str | None = None) -> dict[str, str | None]:
     # identity: sizes and hashes are of the bytes on the wire.
     headers: dict[str, str | None] = {"Accept-Encoding": "identity"}
     # None also removes an Authorization a caller's session carries (requests merges headers).
     headers["Authorization"] = None if cross_host or not token else f"Bearer {token}"
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if if_range:
+            headers["If-Range"] = if_range  # a changed file comes back whole, with 200
     return headers
 
 
@@ -311,6 +364,27 @@ def _check_status(resp: requests.Response, url: str) -> None:
     raise error
 
 
+def _check_is_file(resp: requests.Response, url: str, name: str = "") -> None:
+    """Only a 200/206 with no content coding is the file; anything else is refused."""
+    where = resp.url if resp.url == url else f"{resp.url} (for {url})"
+    problem = None
+    if resp.status_code not in (200, 206):
+        problem = f"answered HTTP {resp.status_code} {resp.reason or ''}".rstrip()
+        if 300 <= resp.status_code < 400 and "Location" not in resp.headers:
+            problem += " with no Location header"
+        problem += ", not the file"
+    elif (coding := resp.headers.get("Content-Encoding", "").strip().lower()) \
+            not in ("", "identity"):
+        problem = (f"sent the file with Content-Encoding {coding!r} although identity was "
+                   f"asked for; its size and checksum would not be the file's")
+    elif name.endswith(_NO_HTML_SUFFIXES) and "html" in resp.headers.get("Content-Type", ""):
+        problem = (f"sent an HTML page (Content-Type {resp.headers['Content-Type']!r}) where "
+                   f"{name} was expected (a proxy or login page?)")
+    if problem:
+        resp.close()
+        raise UnexpectedContentError(f"{resp.request.method} {where} {problem}")
+
+
 # --- metadata -----------------------------------------------------------------------------------
 
 
@@ -332,9 +406,10 @@ def get_file_metadata(url: str, *, token: str | None = None,
         EntryNotFoundError, AccessDeniedError, HTTPStatusError: the server said no.
         DownloadError: the request failed. UnsafeURLError: a non-http(s) URL or redirect.
     """
-    _check_http_url(url, "URL")
+    with _no_secrets():
+        _check_http_url(url, "URL")
     pair = timeout if isinstance(timeout, tuple) else (float(timeout), float(timeout))
-    with contextlib.ExitStack() as stack:
+    with _no_secrets(), contextlib.ExitStack() as stack:
         if session is None:
             session = stack.enter_context(_new_session())
         try:
@@ -352,6 +427,7 @@ def _fetch_metadata(session: requests.Session, url: str, token: str | None,
         resp.close()
         if not resp.is_redirect:
             _check_status(resp, url)
+            _check_is_file(resp, url)
             return _metadata_from(resp.headers, current, final=True)
         target = _redirect_target(current, resp.headers["Location"])
         linked = "X-Linked-Etag" in resp.headers or "X-Linked-Size" in resp.headers
@@ -417,7 +493,7 @@ def _file_lock(path: Path, timeout: float) -> Iterator[None]:
 def _acquire_lock(path: Path, deadline: float, timeout: float) -> int:
     announced = False
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_own(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -445,6 +521,49 @@ def _same_inode(fd: int, path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
+def _open_own(path: Path, flags: int) -> int:
+    """Open a file flagopt creates or appends to, never through a symlink.
+
+    Raises:
+        UnsafePathError: ``path`` is a symlink or not a regular file.
+        ReadOnlyCacheError: its directory cannot be written.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(
+                f"refusing to write {path}: it is a symbolic link (flagopt never writes "
+                f"through a link it did not make); remove it and retry") from None
+        if exc.errno in _READ_ONLY_ERRNOS:
+            raise _read_only(path.parent, exc) from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(f"refusing to write {path}: it is not a regular file")
+    return fd
+
+
+def _check_own_file(path: Path) -> None:
+    """A leftover partial or validator file must be a plain file, not a planted link."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise UnsafePathError(
+            f"refusing to resume into {path}: it is {kind} (flagopt never writes through a "
+            f"link it did not make); remove it and retry")
+
+
+def _read_only(directory: Path, exc: OSError) -> ReadOnlyCacheError:
+    return ReadOnlyCacheError(
+        f"cannot write to {directory} ({exc.strerror or exc}): the cache is read-only here; "
+        f"point the download elsewhere with model_dir= (or set FLAGOPT_HOME) to a writable "
+        f"directory, or put the complete files there first")
+
+
 def is_offline(offline: bool = False) -> bool:
     """Whether the network is forbidden: ``offline=True`` or ``FLAGOPT_OFFLINE=1``."""
     return bool(offline) or get_settings().offline
@@ -467,7 +586,8 @@ def _discard(path: Path) -> None:
 
 
 def _open_partial(path: Path, mode: str) -> BinaryIO:
-    return open(path, mode)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "ab" else os.O_TRUNC)
+    return os.fdopen(_open_own(path, flags), mode)
 
 
 # --- downloading ------------------------------------------------------------------------------
@@ -520,19 +640,37 @@ def download_file(
             after the retries.
         InsufficientDiskSpaceError: the file does not fit, or the disk filled while writing.
         LockTimeoutError: another download held the lock too long.
+        UnexpectedContentError: not the file (redirect without Location, encoded body, HTML
+            page, unparsable small JSON moved to ``<dest>.invalid``); not retried.
+        ReadOnlyCacheError: ``dest``'s directory cannot be written.
+        UnsafePathError: a partial, validator or lock file is a symlink or not a regular file.
         UnsafeURLError: a non-http(s) URL or redirect target.
     """
+    with _no_secrets():
+        return _download_file(url, Path(dest), expected_sha256, expected_size, token, progress,
+                              session, desc, _Settings(
+                                  max_retries=max_retries, retry_base_delay=retry_base_delay,
+                                  retry_max_delay=retry_max_delay,
+                                  max_retry_after=max_retry_after,
+                                  connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                  stall_timeout=stall_timeout, stall_min_bytes=stall_min_bytes,
+                                  lock_timeout=lock_timeout))
+
+
+def _download_file(url: str, dest: Path, expected_sha256: str | None,
+                   expected_size: int | None, token: str | None, progress: bool,
+                   session: requests.Session | None, desc: str | None,
+                   settings: _Settings) -> Path:
     _check_http_url(url, "URL")
-    settings = _Settings(max_retries=max_retries, retry_base_delay=retry_base_delay,
-                         retry_max_delay=retry_max_delay, max_retry_after=max_retry_after,
-                         connect_timeout=connect_timeout, read_timeout=read_timeout,
-                         stall_timeout=stall_timeout, stall_min_bytes=stall_min_bytes,
-                         lock_timeout=lock_timeout)
     expected_sha256 = _check_expected(expected_sha256, expected_size)
-    dest = Path(dest)
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno not in _READ_ONLY_ERRNOS:
+            raise
+        raise _read_only(Path(exc.filename or dest.parent), exc) from exc
     show = progress and not get_settings().disable_progress
     with contextlib.ExitStack() as stack:
         if session is None:
@@ -561,6 +699,8 @@ def _check_expected(sha256: str | None, size: int | None) -> str | None:
 
 
 def _download_with_retries(job: _Job) -> None:
+    _check_own_file(job.partial)
+    _check_own_file(job.validator_path)
     failures, attempts = 0, 0
     high_water = _partial_size(job.partial)
     while True:
@@ -577,7 +717,7 @@ def _download_with_retries(job: _Job) -> None:
             if failures > job.settings.max_retries or attempts >= _ATTEMPT_CEILING:
                 raise _gave_up(t.error, attempts) from t.__cause__
             delay = _backoff(job.settings, failures, t.retry_after)
-            logger.warning("%s; retry %d of %d in %.2fs", t.error, failures,
+            logger.warning("%s; retry %d of %d in %.2fs", redact(str(t.error)), failures,
                            job.settings.max_retries, delay)
             _sleep(delay)
 
@@ -614,18 +754,82 @@ def _attempt(job: _Job) -> None:
         job.meta = _fetch_metadata(job.session, job.url, job.token, job.settings.timeout)
         _check_against_registry(job)
     offset = _partial_size(job.partial)
-    if job.size is not None and offset > job.size:
-        _discard(job.partial)
+    validator = _read_validator(job) if offset else None
+    if offset and ((job.size is not None and offset > job.size)
+                   or (validator is None and not job.sha256 and not job.git_sha1)):
+        # Too long, or nothing (validator or checksum) would notice a file that changed.
+        logger.info("not resuming %s: no validator or checksum to check it against",
+                    job.partial)
+        _drop_partial(job)
         offset = 0
     if job.size is not None:
         _check_disk_space(job.dest.parent, job.size - offset)
     hashes = _start_hashes(job, offset)
-    resp = _open_stream(job, offset)
+    resp = _open_stream(job, offset, validator)
     with resp:
-        offset, hashes = _align_to_response(job, resp, offset, hashes)
+        offset, hashes = _align_to_response(job, resp, offset, hashes, validator)
         _stream_to_partial(job, resp, offset, hashes)
     _verify(job, hashes)
+    _check_parses(job)
     os.replace(job.partial, job.dest)
+    _discard(job.validator_path)
+
+
+def _response_validator(resp: requests.Response) -> str | None:
+    """A strong ``ETag`` (If-Range needs one), else ``Last-Modified``, else None."""
+    etag = resp.headers.get("ETag", "").strip()
+    if etag and not etag.startswith("W/"):
+        return etag
+    return resp.headers.get("Last-Modified", "").strip() or None
+
+
+def _read_validator(job: _Job) -> str | None:
+    try:
+        fd = _open_own(job.validator_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        text = f.read(4096).decode("latin-1").strip()
+    return text or None
+
+
+def _write_validator(job: _Job, validator: str | None) -> None:
+    _discard(job.validator_path)
+    if validator is None:
+        return
+    fd = _open_own(job.validator_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "wb") as f:
+        f.write(validator.encode("latin-1", "replace"))
+
+
+def _drop_partial(job: _Job) -> None:
+    _discard(job.partial)
+    _discard(job.validator_path)
+
+
+def _check_parses(job: _Job) -> None:
+    """Refuse an HTML page saved as JSON or weights, and a small .json file that does not
+    parse: either is moved to ``<dest>.invalid``, never cached under the final name."""
+    name = job.dest.name
+    if not name.endswith(_NO_HTML_SUFFIXES):
+        return
+    with open(job.partial, "rb") as f:
+        head = f.read(_CHECKED_JSON_MAX + 1 if name.endswith(".json") else 512)
+    problem = None
+    if head.lstrip()[:16].lower().startswith(_HTML_HEADS):
+        problem = "is an HTML page, not the file"
+    elif name.endswith(".json") and len(head) <= _CHECKED_JSON_MAX:
+        try:
+            json.loads(head.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            problem = f"is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})"
+    if problem:
+        aside = _sibling(job.dest, ".invalid")
+        os.replace(job.partial, aside)
+        _discard(job.validator_path)
+        raise UnexpectedContentError(
+            f"{job.url} sent a {name} that {problem}; it was moved to {aside} instead of "
+            f"being cached")
 
 
 def _check_against_registry(job: _Job) -> None:
@@ -654,20 +858,21 @@ def _start_hashes(job: _Job, offset: int) -> _Hashes:
     return hashes
 
 
-def _open_stream(job: _Job, offset: int) -> requests.Response:
+def _open_stream(job: _Job, offset: int, validator: str | None = None) -> requests.Response:
     """GET with redirects followed by hand; returns a 200/206 response not yet read."""
     current = job.url
     for _ in range(_MAX_REDIRECTS + 1):
         cross = _host(current) != _host(job.url)
-        resp = _send(job.session, "GET", current, _headers(job.token, cross, offset),
+        resp = _send(job.session, "GET", current, _headers(job.token, cross, offset, validator),
                      job.settings.timeout, stream=True)
         if not resp.is_redirect:
             if resp.status_code == 416 and offset:
                 resp.close()
-                _discard(job.partial)
+                _drop_partial(job)
                 raise _Transient(DownloadError(
                     f"GET {current} answered 416 to Range bytes={offset}-; starting over"))
             _check_status(resp, job.url)
+            _check_is_file(resp, job.url, job.dest.name)
             return resp
         resp.close()
         current = _redirect_target(current, resp.headers["Location"])
@@ -675,21 +880,28 @@ def _open_stream(job: _Job, offset: int) -> requests.Response:
 
 
 def _align_to_response(job: _Job, resp: requests.Response, offset: int,
-                       hashes: _Hashes) -> tuple[int, _Hashes]:
-    """Where the body starts in the file: a 200 means from scratch, a 206 must match ``offset``."""
+                       hashes: _Hashes, validator: str | None = None) -> tuple[int, _Hashes]:
+    """Where the body starts in the file: a 200 means from scratch, a 206 must match ``offset``
+    (and the validator the partial file's bytes came with)."""
     size_was_known = job.size is not None
     if resp.status_code == 206:
         match = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("Content-Range", "").strip())
+        now = _response_validator(resp)
+        if validator is not None and now is not None and now != validator:
+            _drop_partial(job)  # the server ignored If-Range: this tail is another version's
+            raise _Transient(DownloadError(
+                f"GET {resp.url} resumed a file that changed on the server (validator "
+                f"{validator} became {now}); starting over"))
         if match is None or int(match.group(1)) != offset:
-            _discard(job.partial)
+            _drop_partial(job)
             raise _Transient(DownloadError(
                 f"GET {resp.url} answered 206 with Content-Range "
                 f"{resp.headers.get('Content-Range')!r} for Range bytes={offset}-"))
         if job.size is None and match.group(3) != "*":
             job.size = int(match.group(3))
     elif offset:
-        logger.info("%s ignored the Range header; downloading %s from the start",
-                    resp.url, job.dest.name)
+        logger.info("%s ignored the Range header or the file changed; downloading %s from "
+                    "the start", redact(resp.url), job.dest.name)
         offset = 0
         job.size = job.size if job.size is not None else _int_header(
             resp.headers.get("Content-Length"))
@@ -699,6 +911,8 @@ def _align_to_response(job: _Job, resp: requests.Response, offset: int,
         job.bar.reset(total=job.size)
     if not size_was_known and job.size is not None:  # learned only now: check before writing
         _check_disk_space(job.dest.parent, job.size - offset)
+    if resp.status_code == 200:
+        _write_validator(job, _response_validator(resp))
     return offset, hashes
 
 
@@ -718,6 +932,8 @@ def _stream_to_partial(job: _Job, resp: requests.Response, offset: int,
                 job.bar.update(len(chunk))
             f.flush()
             os.fsync(f.fileno())
+    except DownloadError:
+        raise
     except OSError as exc:
         raise _write_error(job, exc) from exc
     if declared is not None and received < declared:
@@ -726,13 +942,15 @@ def _stream_to_partial(job: _Job, resp: requests.Response, offset: int,
 
 
 def _too_long(job: _Job) -> _Transient:
-    _discard(job.partial)
+    _drop_partial(job)
     return _Transient(ChecksumError(
         f"{job.dest.name}: {job.url} sent more than the expected {job.size} bytes"))
 
 
 def _write_error(job: _Job, exc: OSError) -> DownloadError:
-    _discard(job.partial)
+    _drop_partial(job)
+    if exc.errno in _READ_ONLY_ERRNOS:
+        return _read_only(job.dest.parent, exc)
     if exc.errno in _DISK_FULL_ERRNOS:
         free = shutil.disk_usage(job.dest.parent).free
         return InsufficientDiskSpaceError(
@@ -777,9 +995,9 @@ def _verify(job: _Job, hashes: _Hashes) -> None:
     elif job.git_sha1 and hashes.git and (got := hashes.git.hexdigest()) != job.git_sha1:
         problem = f"git blob sha1 mismatch: expected {job.git_sha1}, got {got}"
     elif not job.sha256 and not job.git_sha1:
-        logger.debug("no checksum known for %s; checked its size only", job.url)
+        logger.debug("no checksum known for %s; checked its size only", redact(job.url))
     if problem:
-        _discard(job.partial)
+        _drop_partial(job)
         raise _Transient(ChecksumError(
             f"{job.dest}: {problem} (from {job.url}); the bad bytes were deleted"))
 
@@ -827,6 +1045,16 @@ def download_repo_files(
         OfflineError: offline, and some files are missing (all are named).
         Whatever ``download_file`` raises.
     """
+    with _no_secrets():
+        return _download_repo_files(repo_id, filenames, local_dir, endpoint, revision, expected,
+                                    token, progress, offline, session, options)
+
+
+def _download_repo_files(repo_id: str, filenames: Sequence[str], local_dir: str | os.PathLike,
+                         endpoint: str | None, revision: str,
+                         expected: Mapping[str, Mapping[str, Any]] | None, token: str | None,
+                         progress: bool, offline: bool, session: requests.Session | None,
+                         options: dict[str, Any]) -> list[Path]:
     if isinstance(filenames, str):
         raise TypeError(f"filenames must be a list of names, got the string {filenames!r}")
     targets = [(name, safe_join(local_dir, name)) for name in filenames]

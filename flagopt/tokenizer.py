@@ -426,8 +426,8 @@ def _read_text(path: Path) -> str:
 def _read_json(path: Path) -> object:
     try:
         return json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise TokenizerError(f"{path} is not valid JSON: {str(e)[:200]}") from None
 
 
 def _read_vocab(path: Path) -> dict[str, int]:

@@ -25,6 +25,16 @@ Fault kinds and their parameters:
 - ``cut_after``: close the connection after ``nbytes`` bytes of the body (default half).
 - ``drip``: send ``after`` bytes (default 0) at once, then ``step`` bytes (default 1) every
   ``interval`` seconds (default 0.2).
+- ``no_location``: answer 302 with no ``Location`` header and a body (``body``, default a
+  short JSON text).
+- ``html_page``: answer ``200 text/html`` with an HTML error page (``body`` to override).
+- ``gzip``: answer 200 with the file gzip-compressed and ``Content-Encoding: gzip``,
+  whatever ``Accept-Encoding`` said.
+
+``mirror=True`` serves like a plain static mirror instead of the hub: every file straight from
+the hub host, no LFS redirect and no checksum headers, only the validators a web server sends
+(an ``ETag`` made of mtime and size, ``Last-Modified``). Both styles honour ``If-Range``: a
+validator that no longer matches gets the whole file with 200, as RFC 9110 says.
 
 A fault matches when ``pattern`` (an fnmatch glob) matches the request path or the repo file
 name, and the optional ``method`` (``"GET"``/``"HEAD"``) and ``server`` (``"hub"``/``"cdn"``)
@@ -35,7 +45,9 @@ affect GETs that send a body (the CDN for LFS files, the hub for small ones).
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import fnmatch
+import gzip
 import hashlib
 import http.server
 import json
@@ -53,7 +65,7 @@ import pytest
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-STATUS_KINDS = frozenset({"status", "redirect_to"})
+STATUS_KINDS = frozenset({"status", "redirect_to", "no_location", "html_page", "gzip"})
 BODY_KINDS = frozenset({"ignore_range", "corrupt_byte", "short_body", "cut_after", "drip"})
 FAULT_KINDS = STATUS_KINDS | BODY_KINDS
 _WRITE_CHUNK = 64 * 1024
@@ -206,11 +218,14 @@ class HubServer:
         commit: the fake commit sha; ``resolve/<commit>/`` works like ``resolve/main/``.
         lfs_threshold: files larger than this (or with a weights suffix) are served as LFS.
         cdn_host: host name in the CDN's URLs; must differ from ``127.0.0.1``.
+        mirror: serve like a plain static mirror (no LFS redirect, no checksums; see above).
     """
 
     def __init__(self, root_dir: str | Path, *, commit: str = FAKE_COMMIT,
-                 lfs_threshold: int = 10 * 1024 * 1024, cdn_host: str = "localhost") -> None:
+                 lfs_threshold: int = 10 * 1024 * 1024, cdn_host: str = "localhost",
+                 mirror: bool = False) -> None:
         self.root = Path(root_dir)
+        self.mirror = mirror
         self.root.mkdir(parents=True, exist_ok=True)
         self.commit = commit
         self.lfs_threshold = lfs_threshold
@@ -339,6 +354,22 @@ class HubServer:
         if "redirect_to" in taken:
             handler.send_simple(302, {"Location": taken["redirect_to"]["location"]})
             return True
+        if "no_location" in taken:
+            body = taken["no_location"].get("body", b'{"moved": "somewhere"}')
+            handler.send_simple(302, {"Content-Type": "application/json"}, body)
+            return True
+        if "html_page" in taken:
+            body = taken["html_page"].get(
+                "body", b"<!DOCTYPE html><html><body>Service unavailable</body></html>")
+            handler.send_simple(200, {"Content-Type": "text/html; charset=utf-8"}, body)
+            return True
+        if "gzip" in taken:
+            parsed = _parse_resolve(path) or _parse_cdn(path)
+            file = self._file(parsed[0], parsed[2]) if parsed else None
+            body = gzip.compress(file.read_bytes() if file else b"")
+            handler.send_simple(200, {"Content-Encoding": "gzip",
+                                      "Content-Type": "application/octet-stream"}, body)
+            return True
         return False
 
     def _serve_hub(self, handler: _Handler, send_body: bool) -> None:
@@ -358,6 +389,12 @@ class HubServer:
                                     {"X-Error-Code": "EntryNotFound"})
             return
         data = file.read_bytes()
+        if self.mirror:
+            stat = file.stat()
+            headers = {"ETag": f'"{stat.st_mtime_ns:x}-{len(data):x}"',
+                       "Last-Modified": email.utils.formatdate(stat.st_mtime, usegmt=True)}
+            self._send_bytes(handler, data, headers, send_body, path, filename, "hub")
+            return
         headers = {"X-Repo-Commit": self.commit}
         if self.is_lfs(filename, len(data)):
             sha = self._sha256(file, data)
@@ -393,6 +430,10 @@ class HubServer:
             faults = self.faults.take(BODY_KINDS, path=path, filename=filename, method="GET",
                                       server=role, has_range=bool(range_header))
         start, end, status = 0, len(data), 200
+        if_range = handler.headers.get("If-Range")
+        if if_range is not None and if_range not in (headers.get("ETag"),
+                                                     headers.get("Last-Modified")):
+            range_header = None  # the file changed since the client's copy: send all of it
         if range_header and "ignore_range" not in faults:
             parsed = _parse_range(range_header, len(data))
             if parsed is None:

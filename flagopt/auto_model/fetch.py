@@ -177,5 +177,6 @@ def probe_weight_files(repo: str, revision: str = "main", *, endpoint: str | Non
             return name, hub.get_file_metadata(url, token=token, session=session)
         except EntryNotFoundError:
             logger.debug("%s@%s has no %s", repo, revision, name)
-    raise CheckpointError(f"{repo}@{revision} has no weights at {hub.get_endpoint(endpoint)}: "
+    where = hub.redact(hub.get_endpoint(endpoint))  # no credentials in messages
+    raise CheckpointError(f"{repo}@{revision} has no weights at {where}: "
                           f"none of {', '.join(WEIGHT_FILES)}")

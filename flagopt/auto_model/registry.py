@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import quote
 
 from flagopt import settings
 from flagopt.errors import CheckpointError, ConfigError, RegistryError, UnknownModelError
@@ -52,7 +53,8 @@ _TOP_FIELDS = ("format_version", "models")
 _ENTRY_FIELDS = ("repo", "revision", "files", "sizes", "sha256", "architecture", "description")
 _ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(OPTConfig) if f.name != "extra")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
-_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
+_REPO_RE = re.compile(f"{_REPO_PART}/{_REPO_PART}")
 _REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _WEIGHT_SUFFIXES = (".bin", ".safetensors", ".index.json", ".pt", ".pth")
@@ -106,10 +108,15 @@ class ModelSpec:
 
     @property
     def dirname(self) -> str:
-        """Directory name under a models folder: the registry name, or ``owner--name[@rev]``."""
+        """Directory name under a models folder: the registry name, or ``owner--name[@rev]``.
+
+        Injective over (repo, revision): repo ids hold no ``--`` and no part starts or ends
+        with ``-`` (``parse_repo_id``), and a revision is percent-quoted (``refs/pr/1`` →
+        ``refs%2Fpr%2F1``; revisions never hold ``%``), so two models never share a directory.
+        """
         if not self.needs_probe:
             return self.name
-        suffix = "" if self.revision == "main" else "@" + self.revision.replace("/", "--")
+        suffix = "" if self.revision == "main" else "@" + quote(self.revision, safe="")
         return self.repo.replace("/", "--") + suffix
 
     def expected(self) -> dict[str, dict[str, Any]]:
@@ -189,8 +196,9 @@ def _read_registry_file(path: Path, source: str) -> dict[str, ModelSpec]:
         data = json.loads(path.expanduser().read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RegistryError(f"{source}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RegistryError(f"{source}: cannot read it as JSON ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # incl. UnicodeDecode, JSONDecode
+        raise RegistryError(f"{source}: cannot read it as JSON ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})") from None
     return _parse_registry(data, source)
 
 
@@ -321,9 +329,13 @@ def _architecture(value: Any, where: str) -> tuple[Mapping[str, Any], int | None
 
 
 def parse_repo_id(value: str) -> tuple[str, str] | None:
-    """``"owner/name@rev"`` → ``("owner/name", "rev")`` (revision "main" if absent), or None."""
+    """``"owner/name@rev"`` → ``("owner/name", "rev")`` (revision "main" if absent), or None.
+
+    As huggingface_hub, a repo id may not contain ``--`` or ``..``, and each part starts and
+    ends with a letter, digit (or ``_`` at the end): that keeps ``ModelSpec.dirname`` injective.
+    """
     repo, sep, revision = value.partition("@")
-    if not _REPO_RE.fullmatch(repo) or ".." in repo:
+    if not _REPO_RE.fullmatch(repo) or ".." in repo or "--" in repo:
         return None
     if sep and not _valid_revision(revision):
         return None

@@ -88,9 +88,10 @@ def read_index(index_path: Path) -> list[str]:
     """
     try:
         data = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSON and UnicodeDecodeError: ValueErrors
         raise CorruptCheckpointError(
-            f"{index_path} is not valid JSON ({exc}); re-download the checkpoint") from exc
+            f"{index_path} is not valid JSON in UTF-8 ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"re-download the checkpoint") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(v, str) for v in weight_map.values()):
@@ -111,6 +112,38 @@ def _shard_paths(index_path: Path) -> list[Path]:
             f"{index_path.name} names shard(s) missing from {index_path.parent}: "
             f"{', '.join(missing)}; re-download the checkpoint")
     return paths
+
+
+def read_layouts(paths: list[Path]) -> dict[str, tuple[torch.dtype, tuple[int, ...], Path]]:
+    """``{our name: (dtype, shape, file)}`` from the files' headers alone, no tensor data.
+
+    Covers safetensors and zip ``.bin`` files; a legacy pickle (read whole anyway) is left
+    out. Used to compare a config with the checkpoint before anything is built.
+
+    Raises:
+        CorruptCheckpointError: a header is malformed, or one tensor is stored in two files.
+    """
+    layouts: dict[str, tuple[torch.dtype, tuple[int, ...], Path]] = {}
+    for path in paths:
+        _reject_non_weights(path)
+        if path.suffix == ".safetensors":
+            stored = _safetensors_entries(path)
+        else:
+            stored = (_zip_entries(path) if zipfile.is_zipfile(path) else None) or []
+        for entry in stored:
+            name = hf_name(entry.name)
+            if name in layouts:
+                raise duplicate_tensor(name, layouts[name][2], path)
+            layouts[name] = (entry.dtype, entry.shape, path)
+    return layouts
+
+
+def duplicate_tensor(name: str, first: Path, second: Path) -> CorruptCheckpointError:
+    """The error for a tensor stored twice: which copy is right cannot be known."""
+    where = f"both {first.name} and {second.name}" if first != second else f"{first.name} twice"
+    return CorruptCheckpointError(
+        f"tensor {name!r} is stored in {where} (a shard from another checkpoint, or a "
+        f"hostile file); refusing to pick one: re-download the checkpoint")
 
 
 @dataclass(frozen=True)

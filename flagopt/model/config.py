@@ -16,6 +16,24 @@ from typing import Any
 from flagopt.errors import ConfigError
 
 _ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "max_position_embeddings",
+          "num_attention_heads", "word_embed_proj_dim", "num_labels")
+_MAX_SIZE = 2**31 - 1  # indices and element counts of one dimension stay int32
+_FLAGS = ("do_layer_norm_before", "_remove_final_layer_norm", "use_cache", "enable_bias",
+          "layer_norm_elementwise_affine")
+_PROBABILITIES = ("dropout", "attention_dropout", "layerdrop")
+_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -48,29 +66,37 @@ class OPTConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        """Check every field's type and range; raises ConfigError naming field and value."""
         if self.word_embed_proj_dim is None:
             object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim",
-                     "max_position_embeddings", "num_attention_heads", "word_embed_proj_dim",
-                     "num_labels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"OPTConfig.{name} must be a positive integer, got {value!r}")
+        for name in _SIZES:
+            self._check(name, lambda v: _is_int(v) and 0 < v <= _MAX_SIZE,
+                        f"an integer in [1, {_MAX_SIZE}]")
+        for name in _FLAGS:
+            self._check(name, lambda v: isinstance(v, bool), "true or false")
+        for name in _PROBABILITIES:
+            self._check(name, lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]")
+        self._check("init_std", lambda v: _is_real(v) and v > 0, "a finite number > 0")
+        for name in _TOKEN_IDS:
+            self._check(name, lambda v: _is_int(v) and 0 <= v < self.vocab_size,
+                        f"an integer in [0, vocab_size={self.vocab_size})")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"OPTConfig.hidden_size ({self.hidden_size}) must be divisible by "
                 f"num_attention_heads ({self.num_attention_heads})")
-        if self.activation_function not in _ACTIVATIONS:
-            raise ConfigError(
-                f"OPTConfig.activation_function {self.activation_function!r} is not supported; "
-                f"expected one of {_ACTIVATIONS}")
-        for name in ("dropout", "attention_dropout", "layerdrop"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0 or math.isnan(value):
-                raise ConfigError(f"OPTConfig.{name} must be in [0, 1], got {value!r}")
-        if self.problem_type not in (None, "regression", "single_label_classification",
-                                     "multi_label_classification"):
-            raise ConfigError(f"OPTConfig.problem_type {self.problem_type!r} is not supported")
+        self._check("activation_function", lambda v: isinstance(v, str) and v in _ACTIVATIONS,
+                    f"one of {_ACTIVATIONS}")
+        self._check("torch_dtype", lambda v: v is None or (isinstance(v, str) and v in _DTYPES),
+                    f"null or one of {_DTYPES}")
+        self._check("problem_type", lambda v: v is None or (isinstance(v, str)
+                                                            and v in _PROBLEM_TYPES),
+                    f"one of {_PROBLEM_TYPES}")
+        self._check("extra", lambda v: isinstance(v, dict), "a dict")
+
+    def _check(self, name: str, valid: Any, allowed: str) -> None:
+        value = getattr(self, name)
+        if not valid(value):
+            raise ConfigError(f"OPTConfig.{name} must be {allowed}, got {value!r:.200}")
 
     # ---- derived values ----------------------------------------------------------------------
 
@@ -115,6 +141,9 @@ class OPTConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
         extra.update(data.get("extra", {}) if isinstance(data.get("extra"), dict) else {})
+        if "id2label" in data and not isinstance(data["id2label"], dict):
+            raise ConfigError(f"config field id2label must be an object of id -> label, got "
+                              f"{data['id2label']!r:.200}")
         if "id2label" in data and "num_labels" not in data:
             kwargs["num_labels"] = len(data["id2label"])
         try:
@@ -131,9 +160,13 @@ class OPTConfig:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); re-download it") from exc
-        return cls.from_dict(data)
+        except (ValueError, RecursionError) as exc:  # JSON and UnicodeDecodeError: ValueErrors
+            raise ConfigError(f"{path} is not valid JSON in UTF-8 ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); re-download it") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The hub's ``config.json`` form, with the keys flagopt did not use restored."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flagopt.errors import MissingWeightsError, ShapeMismatchError
+from flagopt.errors import CorruptCheckpointError, MissingWeightsError, ShapeMismatchError
 from flagopt.model import checkpoint
 from flagopt.model.config import OPTConfig
 from flagopt.model.heads import OPTForCausalLM
@@ -64,6 +65,8 @@ def load_pretrained(directory: str | os.PathLike,
     config = config or OPTConfig.from_json(directory / "config.json")
     if quantize not in (None, *QUANTIZE_MODES):
         raise ValueError(f"quantize={quantize!r}; expected None or one of {QUANTIZE_MODES}")
+    files = checkpoint.find_weight_files(directory)
+    _check_config_fits(config, checkpoint.read_layouts(files), directory)
     with torch.device("meta"), _no_init():
         model = model_class(config, attn_implementation=attn_implementation)
     assign_hook = None
@@ -80,9 +83,9 @@ def load_pretrained(directory: str | os.PathLike,
     def keep(stored_name: str) -> bool:  # a skipped tensor is never read, let alone converted
         return not (skip_head and checkpoint.hf_name(stored_name) == "lm_head.weight")
 
-    loaded: set[str] = set()
+    loaded: dict[str, Path] = {}
     unexpected: list[str] = []
-    for path in checkpoint.find_weight_files(directory):
+    for path in files:
         for stored_name, stored in checkpoint.iter_tensors(path, dtype=read_dtype,
                                                            device=device, keep=keep,
                                                            transient=quantize is not None):
@@ -91,9 +94,11 @@ def load_pretrained(directory: str | os.PathLike,
                 if name not in expected:
                     unexpected.append(name)
                     continue
-                _check_shape(name, tensor, expected[name], path)
+                if name in loaded:
+                    raise checkpoint.duplicate_tensor(name, loaded[name], path)
+                _check_tensor(name, tensor, expected[name], path)
                 _assign(model, name, tensor, assign_hook)
-                loaded.add(name)
+                loaded[name] = path
     _finish(model, expected, loaded, unexpected, tied, fresh_heads, dtype, device, directory,
             assign_hook)
     return model.eval()
@@ -141,7 +146,45 @@ def _int8_assign(dtype: torch.dtype, device: torch.device | str) -> TensorHook:
     return assign
 
 
-def _check_shape(name: str, tensor: torch.Tensor, param: torch.Tensor, path: Path) -> None:
+def _check_config_fits(config: OPTConfig,
+                       layouts: dict[str, tuple[torch.dtype, tuple[int, ...], Path]],
+                       directory: Path) -> None:
+    """Compare the config's sizes with the checkpoint's tensors before anything is built, so
+    ``num_hidden_layers=20000`` over a 3-layer checkpoint fails at once, not after a long
+    build (the full per-tensor check still runs while loading)."""
+    layers = {int(m.group(1)) for name in layouts
+              if (m := re.match(r"model\.decoder\.layers\.(\d+)\.", name))}
+    # Only more layers than stored is refused here; fewer is cheap to build, and the strict
+    # load then names the unexpected tensors.
+    if layers and config.num_hidden_layers > max(layers) + 1:
+        raise ShapeMismatchError(
+            f"config num_hidden_layers={config.num_hidden_layers} but the checkpoint in "
+            f"{directory} holds {max(layers) + 1} layers; config.json and the weights disagree")
+    h, e = config.hidden_size, config.word_embed_proj_dim
+    implied = {
+        "model.decoder.embed_tokens.weight": ((config.vocab_size, e),
+                                              f"vocab_size={config.vocab_size}, "
+                                              f"word_embed_proj_dim={e}"),
+        "model.decoder.embed_positions.weight": ((config.max_position_embeddings + 2, h),
+                                                 f"max_position_embeddings + 2, hidden_size={h}"),
+        "model.decoder.layers.0.fc1.weight": ((config.ffn_dim, h),
+                                              f"ffn_dim={config.ffn_dim}, hidden_size={h}"),
+    }
+    for name, (shape, fields) in implied.items():
+        if name in layouts and layouts[name][1] != shape:
+            raise ShapeMismatchError(
+                f"tensor {name!r} in {layouts[name][2].name} has shape {layouts[name][1]} but "
+                f"the config implies {shape} ({fields}); config.json and the weights disagree")
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, param: torch.Tensor, path: Path) -> None:
+    """Every OPT weight is floating point (int8 is made here, never read) with the config's
+    shape."""
+    if not tensor.is_floating_point():
+        raise CorruptCheckpointError(
+            f"tensor {name!r} in {path.name} is stored as {tensor.dtype}, but the model needs "
+            f"a floating-point weight there; the file's header is wrong (corrupt or hostile): "
+            f"re-download it")
     if tuple(tensor.shape) != tuple(param.shape):
         raise ShapeMismatchError(
             f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)} but the config "
@@ -158,7 +201,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor,
         module._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
 
 
-def _finish(model: nn.Module, expected: dict[str, torch.Tensor], loaded: set[str],
+def _finish(model: nn.Module, expected: dict[str, torch.Tensor], loaded: dict[str, Path],
             unexpected: list[str], tied: bool, fresh_heads: bool, dtype: torch.dtype,
             device: torch.device | str, directory: Path, hook: TensorHook | None) -> None:
     skip = {"lm_head.weight"} if tied else set()
