@@ -147,6 +147,17 @@ def test_double_dash_and_edge_punctuation_refused_in_repo_ids(value: str) -> Non
     assert parse_repo_id("x/y-z.v1_2") == ("x/y-z.v1_2", "main")
 
 
+def test_registry_names_with_a_double_dash_are_refused() -> None:
+    """A registry name 'org--x' would share the directory of the hub repo 'org/x'."""
+    from flagopt.auto_model.registry import load_registry
+    from flagopt.errors import RegistryError
+
+    entry = {"repo": "org/x", "files": ["config.json"]}
+    with pytest.raises(RegistryError, match="'--'"):
+        load_registry({"format_version": 1, "models": {"org--x": entry}})
+    assert "org-x" in load_registry({"format_version": 1, "models": {"org-x": entry}})
+
+
 # --- 3. a resume never stitches two versions --------------------------------------------------
 
 

@@ -255,6 +255,10 @@ def _check_name(key: Any, source: str) -> str:
     if not _NAME_RE.fullmatch(name) or ".." in name:
         raise RegistryError(f"{source}: model name {key!r} must be letters, digits, '.', '_' "
                             f"and '-' (it names a directory)")
+    if "--" in name:  # 'owner--name' is the directory of the hub repo 'owner/name'
+        raise RegistryError(f"{source}: model name {key!r} must not contain '--': that is how "
+                            f"the directory of a hub repo id is spelt, so the two would share "
+                            f"one directory")
     return name
 
 
