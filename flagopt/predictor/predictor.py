@@ -92,6 +92,9 @@ class Predictor:
                             f"{type(model).__name__}; load it with task_name='lm'")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
+        if _device(model).type == "meta":
+            raise ValueError("the model is on the meta device, which holds no weights; load "
+                             "it on cpu or cuda")
         self.model = model
         self.tokenizer = tokenizer
         self.compile = compile
