@@ -553,3 +553,12 @@ def test_interleaved_streams_closed_in_order_leave_the_mode_unchanged(predictor)
     assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
     second.close()
     assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+
+
+def test_predictor_refuses_a_model_without_weights(tok) -> None:
+    from flagopt.model.heads import TASK_CLASSES
+
+    with torch.device("meta"):
+        model = TASK_CLASSES["lm"](tiny_config(vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="meta"):
+        Predictor(model, tok)
