@@ -5,23 +5,55 @@
     echo "Paris is the capital of" | flagopt generate --model opt-125m-en --beam-size 4
 
 With no PROMPT, every line of standard input is one prompt and its continuation is one line of
-output, so the command fits in a shell pipeline.
+output, so the command fits in a shell pipeline: in that mode a backslash in the continuation is
+written as two backslashes, a newline as the two characters backslash-n and a carriage return as
+backslash-r. ``--jsonl`` writes one JSON object per prompt instead (``prompt``, ``text``,
+``finish_reason``, ``truncated``). A stdin line that is not valid UTF-8 gets an empty output line
+(an object with ``error`` under ``--jsonl``) and an error on stderr naming its line number; the
+other prompts go on and the exit status is 1. Every failure is one line ``flagopt: error: ...``
+on stderr and exit status 1 (2 for a malformed command line); every argument is checked before
+anything is downloaded, and ``--debug`` adds the traceback. A closed stdout (``| head -1``) ends the command
+quietly with status 141, as SIGPIPE ends a Unix filter.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Iterable, Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 from flagopt.errors import FlagOptError
+
+
+# GenerationParams fields and the flags that set them, so that errors name the flag.
+FLAGS = {"max_new_tokens": "--max-new-tokens", "input_max_length": "--input-max-length",
+         "num_beams": "--beam-size", "top_k": "--top-k", "top_p": "--top-p",
+         "temperature": "--temperature", "repetition_penalty": "--repetition-penalty",
+         "no_repeat_ngram_size": "--no-repeat-ngram-size", "penalty_alpha": "--penalty-alpha",
+         "seed": "--seed", "stop": "--stop"}
+
+
+class UsageError(Exception):
+    """The command line does not parse (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors raised, so that ``main`` prints them as one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _parser() -> argparse.ArgumentParser:
     from flagopt.predictor.strategies import STRATEGIES  # torch loads only once a command runs
 
-    parser = argparse.ArgumentParser(prog="flagopt", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="flagopt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a continuation of PROMPT (or of each "
                                           "line of stdin)")
@@ -55,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--endpoint", help="hub mirror (default $FLAGOPT_ENDPOINT or the hub)")
     gen.add_argument("--offline", action="store_true", help="never use the network")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or notices")
+    gen.add_argument("--jsonl", action="store_true",
+                     help="one JSON object per prompt (prompt, text, finish_reason, "
+                          "truncated) instead of the bare continuation")
+    gen.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub.add_parser("download", help="download models ahead of time (see flagopt-download -h)",
                    add_help=False)
     return parser
@@ -81,38 +117,94 @@ def _params(args: argparse.Namespace) -> dict:
     return params
 
 
-def _prompts(args: argparse.Namespace) -> Iterable[str]:
-    if args.prompt is not None:
-        yield args.prompt
-        return
-    for line in sys.stdin:
-        yield line.rstrip("\r\n")
+def _checked(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Every argument checked before anything is downloaded: the generation parameters and
+    the loader's options.
 
+    Raises:
+        ValueError / TypeError: naming the flag, its value and the allowed range.
+    """
+    from flagopt.auto_model.auto_loader import resolve_device, resolve_dtype
+    from flagopt.predictor import GenerationParams
+    from flagopt.predictor.params import check
 
-def _generate(args: argparse.Namespace) -> int:
-    from flagopt.auto_model import AutoLoader
-    from flagopt.predictor import GenerationParams, Predictor
-
+    # Every number given is checked, whether or not the strategy uses it.
+    for name in ("input_max_length", "num_beams", "top_k", "top_p", "temperature",
+                 "seed", "penalty_alpha"):
+        value = getattr(args, "beam_size" if name == "num_beams" else name)
+        if value is not None:
+            check(name, value, FLAGS[name])
+    if args.beam_size > 1 and args.strategy not in (None, "beam"):
+        raise ValueError(f"--beam-size {args.beam_size} applies to --strategy beam, not "
+                         f"--strategy {args.strategy}")
     params = _params(args)
-    GenerationParams(**params)  # validate before any download
+    GenerationParams(**params, caller_names=FLAGS)
+    device = resolve_device(args.device)
+    if device.type == "meta":
+        raise ValueError(f"--device {args.device} holds no weights; use cpu or cuda")
+    if args.dtype is not None:
+        resolve_dtype({"dtype": args.dtype}, device)
     options = {k: v for k, v in dict(dtype=args.dtype, quantize=args.quantize,
                                      endpoint=args.endpoint).items() if v is not None}
+    options.update(model_dir=args.model_dir, device=device)
     if args.offline:
         options["offline"] = True
     if args.quiet:
         options["progress"] = False
-    loader = AutoLoader("lm", args.model, model_dir=args.model_dir, device=args.device,
-                        **options)
+    return params, options
+
+
+def _prompts(args: argparse.Namespace) -> Iterator[tuple[int, str | None]]:
+    """(line number, prompt) pairs; the prompt is None for a stdin line that is not UTF-8
+    (reported on stderr)."""
+    if args.prompt is not None:
+        yield 1, args.prompt
+        return
+    raw = getattr(sys.stdin, "buffer", None)
+    lines = raw if raw is not None else (line.encode("utf-8") for line in sys.stdin)
+    for number, line in enumerate(lines, start=1):
+        try:
+            prompt = line.rstrip(b"\r\n").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _error(f"stdin line {number} is not valid UTF-8 ({exc.reason} at byte "
+                   f"{exc.start}); skipped it")
+            prompt = None
+        yield number, prompt
+
+
+def escape_line(text: str) -> str:
+    """``text`` on one line: backslash -> two backslashes, newline -> backslash-n, carriage
+    return -> backslash-r (stdin mode's output)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    params, options = _checked(args)
+    from flagopt.auto_model import AutoLoader
+    from flagopt.predictor import Predictor
+
+    loader = AutoLoader("lm", args.model, **options)
     predictor = Predictor(loader.get_model(), loader.get_tokenizer(), compile=args.compile,
                           cache_dtype=args.cache_dtype)
-    out = sys.stdout
-    for prompt in _prompts(args):
-        for piece in predictor.stream(prompt, args.input_max_length, **params):
-            out.write(piece)
-            out.flush()
+    out, status = sys.stdout, 0
+    escape = escape_line if args.prompt is None else (lambda text: text)
+    for number, prompt in _prompts(args):
+        if prompt is None:
+            status = 1
+            if args.jsonl:
+                out.write(json.dumps({"line": number, "error": "not valid UTF-8"}))
+        elif args.jsonl:
+            text = predictor.generate(prompt, args.input_max_length, **params).texts[0]
+            out.write(json.dumps({"prompt": prompt, "text": str(text),
+                                  "finish_reason": text.finish_reason,
+                                  "truncated": text.truncated}, ensure_ascii=False))
+        else:
+            for piece in predictor.stream(prompt, args.input_max_length, **params):
+                out.write(escape(piece))
+                out.flush()
         out.write("\n")
         out.flush()
-    return 0
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,16 +214,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flagopt.download import main as download_main
 
         return download_main(argv[1:])
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
-                        format="flagopt: %(message)s")
+    debug = "--debug" in argv
     try:
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
+                            format="flagopt: %(message)s")
         return _generate(args)
-    except (FlagOptError, ValueError, TypeError, OSError) as exc:
-        print(f"flagopt: error: {exc}", file=sys.stderr)
-        return 1
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _closed_stdout()
+    except Exception as exc:  # noqa: BLE001 - the command's last line of defence
+        if debug:
+            traceback.print_exc()
+        _error(_one_line(exc))
+        return 2 if isinstance(exc, UsageError) else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line; its type too when it is not one of ours or a
+    builtin users expect (ValueError, TypeError, OSError)."""
+    from flagopt.errors import FlagOptError
+
+    text = " / ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    plain = isinstance(exc, (UsageError, FlagOptError, ValueError, TypeError, OSError)) \
+        and not isinstance(exc, UnicodeError)
+    if not plain or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text
+
+
+def _error(message: str) -> None:
+    print(f"flagopt: error: {message}", file=sys.stderr, flush=True)
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (``| head -1``): stop quietly, as SIGPIPE would."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush goes nowhere
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

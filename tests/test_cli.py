@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,3 +134,164 @@ def test_cache_dtype_flag(served, tmp_path: Path) -> None:
                                                            out_max_length=6) + "\n"
     bad = _run(["generate", "--model", REPO, "--cache-dtype", "int8", "x"], server, tmp_path)
     assert bad.returncode != 0 and "cache-dtype" in bad.stderr
+
+
+# --- errors, argument checks, the stdin contract ---------------------------------------------
+
+
+def _no_loading(monkeypatch) -> None:
+    """Make any attempt to download or load fail the test."""
+    import flagopt.auto_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CLI loaded a model before checking its arguments")
+
+    monkeypatch.setattr(flagopt.auto_model, "AutoLoader", refuse)
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flagopt: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--input-max-length", "0"], "--input-max-length"),
+    (["--beam-size", "0"], "--beam-size"),
+    (["--beam-size", "3", "--strategy", "sample"], "--beam-size"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-new-tokens", "abc"], "--max-new-tokens"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--strategy", "greedy", "--top-p", "0"], "--top-p"),
+    (["--seed", "-1"], "--seed"),
+    (["--repetition-penalty", "0"], "--repetition-penalty"),
+    (["--penalty-alpha", "2"], "--penalty-alpha"),
+    (["--device", "meta"], "meta"),
+    (["--device", "no-such-device"], "no-such-device"),
+    (["--dtype", "float64"], "float64"),
+])
+def test_arguments_are_checked_before_loading(monkeypatch, capsys, args: list[str],
+                                              named: str) -> None:
+    from flagopt import cli
+
+    _no_loading(monkeypatch)
+    code = cli.main(["generate", *args, "x"])
+    assert code != 0
+    assert named in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("error", [RecursionError("maximum recursion depth exceeded"),
+                                   RuntimeError("two\nlines"), KeyError("k")])
+def test_any_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys,
+                                                             error: Exception) -> None:
+    import flagopt.auto_model
+    from flagopt import cli
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(flagopt.auto_model, "AutoLoader", fail)
+    assert cli.main(["generate", "x"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert type(error).__name__ in line
+    assert cli.main(["generate", "--debug", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1] == line
+
+
+class _FakePredictor:
+    """Writes continuations with newlines, carriage returns and backslashes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    @staticmethod
+    def _text(prompt: str) -> str:
+        return f" a\\b\nline two\r\n{prompt}"
+
+    def stream(self, prompt: str, input_max_length: int, **params):
+        text = self._text(prompt)
+        yield from (text[:4], text[4:])
+
+    def generate(self, prompt: str, input_max_length: int, **params):
+        from flagopt.predictor import GeneratedText
+
+        text = GeneratedText(self._text(prompt), False, "length", 3)
+        return SimpleNamespace(texts=[text])
+
+
+def _fake_model(monkeypatch, stdin: bytes) -> None:
+    import io
+
+    import flagopt.auto_model
+    import flagopt.predictor
+
+    loader = SimpleNamespace(get_model=lambda: None, get_tokenizer=lambda: None)
+    monkeypatch.setattr(flagopt.auto_model, "AutoLoader", lambda *a, **k: loader)
+    monkeypatch.setattr(flagopt.predictor, "Predictor", _FakePredictor)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+
+
+def _unescape(line: str) -> str:
+    return line.replace("\\\\", "\0").replace("\\n", "\n").replace("\\r", "\r") \
+        .replace("\0", "\\")
+
+
+def test_stdin_mode_writes_one_line_per_prompt(monkeypatch, capsys) -> None:
+    from flagopt import cli
+
+    _fake_model(monkeypatch, b"first\nsecond \\n\r\nthird\n")
+    assert cli.main(["generate"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[-1] == "" and len(lines) == 4
+    assert [_unescape(x) for x in lines[:3]] == \
+        [_FakePredictor._text(p) for p in ("first", "second \\n", "third")]
+
+
+def test_jsonl_output_is_one_object_per_prompt(monkeypatch, capsys) -> None:
+    from flagopt import cli
+
+    _fake_model(monkeypatch, b"first\nsecond\n")
+    assert cli.main(["generate", "--jsonl"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["first", "second"]
+    assert [r["text"] for r in rows] == [_FakePredictor._text(p) for p in ("first", "second")]
+    assert {r["finish_reason"] for r in rows} == {"length"}
+
+
+def test_invalid_utf8_names_the_line_and_goes_on(monkeypatch, capsys) -> None:
+    from flagopt import cli
+
+    _fake_model(monkeypatch, b"first\nbad \xff\xfe here\nthird\n")
+    assert cli.main(["generate"]) == 1  # some prompt failed
+    captured = capsys.readouterr()
+    lines = captured.out.split("\n")
+    assert len(lines) == 4 and lines[1] == ""  # the bad line still has its (empty) line
+    assert _unescape(lines[2]) == _FakePredictor._text("third")
+    assert "line 2" in _one_error_line(captured.err)
+
+
+def test_a_closed_pipe_ends_quietly(served, tmp_path: Path) -> None:
+    """``flagopt generate < prompts | head -1``: no 'Broken pipe', the exit status of a
+    filter killed by SIGPIPE (128 + 13)."""
+    server, _ = served
+    environ = {**os.environ, "FLAGOPT_ENDPOINT": server.endpoint,
+               "FLAGOPT_HOME": str(tmp_path / "home")}
+    environ.pop("FLAGOPT_OFFLINE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flagopt.cli", "generate", "--model", REPO,
+                             "--max-new-tokens", "3", "--quiet"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
+    try:
+        proc.stdin.write(b"Hello\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline()  # as head -1 does: one line, then close the pipe
+        proc.stdout.close()
+        proc.stdin.write(b"More\n" * 3)
+        proc.stdin.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 141, err
+    finally:
+        proc.kill()
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception" not in err

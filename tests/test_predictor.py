@@ -214,7 +214,10 @@ def test_long_prompt_keeps_its_last_tokens_and_the_leading_eos(predictor, tok,
     expected = generate(predictor.model, torch.tensor([manual]), None,
                         GenerationParams(max_new_tokens=3))
     assert out == tok.decode(expected.new_tokens[0])
-    assert not predictor.predict_generate_greedy(text, out_max_length=3).truncated
+    # Longer than ``limit`` but within the (tiny) model's 64 positions: the default keeps it.
+    fits = " ".join(f"word{i}" for i in range(12))
+    assert limit < len(tok.encode_prompt(fits)) < predictor.model.config.max_position_embeddings
+    assert not predictor.predict_generate_greedy(fits, out_max_length=3).truncated
 
 
 def test_only_the_long_prompt_of_a_batch_is_truncated(predictor) -> None:
@@ -532,3 +535,57 @@ def test_cache_dtype_reaches_the_engine(pair, tok, monkeypatch) -> None:
     assert seen == [torch.float32, torch.bfloat16]
     with pytest.raises(ValueError, match="cache_dtype"):
         Predictor(pair[1], tok, cache_dtype="float64")
+
+
+# --- the position table and the caller's grad mode -----------------------------------------
+
+
+def test_prompt_longer_than_the_position_table_is_truncated(predictor, tok, caplog) -> None:
+    """Never a silent empty answer: the prompt keeps its last tokens, leaving room for one."""
+    table = predictor.model.config.max_position_embeddings
+    text = " ".join(f"word{i}" for i in range(table * 2))
+    full = tok.encode_prompt(text)
+    assert len(full) > table
+    manual = [EOS, *full[len(full) - (table - 2):]]
+    with caplog.at_level(logging.WARNING, logger="flagopt.predictor.predictor"):
+        fed = _fed_prompt(predictor, lambda: predictor.predict_generate_greedy(
+            text, input_max_length=10 * table, out_max_length=3))
+    assert fed.tolist() == [manual]
+    assert "position" in caplog.text and str(table) in caplog.text
+    out = predictor.predict_generate_greedy(text, input_max_length=10 * table,
+                                            out_max_length=3)
+    assert out.truncated and out.num_tokens == 1 and out.finish_reason in ("positions", "eos")
+    assert "".join(predictor.stream(text, max_new_tokens=3)) == out
+
+
+def test_stream_leaves_the_callers_grad_mode_alone(predictor) -> None:
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    for params in (dict(strategy="greedy"), dict(strategy="sample", seed=0)):
+        seen = []
+        for _ in predictor.stream("Hello, my name is", max_new_tokens=4, **params):
+            seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        assert seen and set(seen) == {(True, False)}
+    with torch.no_grad():
+        for _ in predictor.stream("Hello", max_new_tokens=3):
+            assert not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_interleaved_streams_closed_in_order_leave_the_mode_unchanged(predictor) -> None:
+    first = predictor.stream("Hello, my name is", max_new_tokens=6)
+    second = predictor.stream("The capital of France", max_new_tokens=6)
+    next(first)
+    next(second)
+    next(first)
+    first.close()
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    second.close()
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+
+
+def test_predictor_refuses_a_model_without_weights(tok) -> None:
+    from flagopt.model.heads import TASK_CLASSES
+
+    with torch.device("meta"):
+        model = TASK_CLASSES["lm"](tiny_config(vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="meta"):
+        Predictor(model, tok)

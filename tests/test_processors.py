@@ -583,3 +583,53 @@ def test_every_stop_step_combination_small() -> None:
             continue  # a stepwise caller would have stopped already
         want = any(s in _fake_decode(row) for s in stops.stops)
         assert stops.check([row]) == [want]
+
+
+# --- extreme parameters stay finite ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [1e-30, 1e-40, 1e-46, 1e-300])
+def test_tiny_temperatures_sample_like_greedy(t: float) -> None:
+    """Scores divided by a tiny temperature overflow float32; the limit is greedy (ties kept)."""
+    scores = _scores(0, 4)
+    scores[0, :3] = scores[0].max() + 1  # a three-way tie for the best token
+    scores[1] = -scores[1].abs() - 1  # every score negative: all would overflow to -inf
+    scores[2, 5:] = float("-inf")  # banned tokens stay banned
+    out = Temperature(t)(None, scores.clone())
+    assert not torch.isnan(out).any() and not torch.isposinf(out).any()
+    assert torch.isfinite(out.amax(-1)).all()
+    best = scores.argmax(-1)
+    for _ in range(5):
+        drawn = sample(out, torch.Generator().manual_seed(_))
+        assert torch.equal(drawn[1:], best[1:]) and int(drawn[0]) in (0, 1, 2)
+
+
+def test_ordinary_temperatures_are_computed_as_the_reference_does() -> None:
+    scores = _scores(1, 4)
+    assert torch.equal(Temperature(0.01)(None, scores.clone()), scores / 0.01)
+
+
+@pytest.mark.parametrize("penalty", [1e-50, 1e-40, 1e-300, 1e40, 1e300])
+def test_extreme_repetition_penalties_stay_finite(penalty: float) -> None:
+    scores = _scores(2, 2)
+    scores[0, 7] = 0.0  # 0 / (a penalty that is 0 in float32) must not become NaN
+    scores[1, 6] = float("-inf")  # banned stays banned
+    ids = torch.tensor([[3, 7, 9, 11], [-1, 6, 4, 5]])
+    out = RepetitionPenalty(penalty)(ids, scores.clone())
+    assert torch.equal(torch.isfinite(out), torch.isfinite(scores))
+    assert out[0, 7] == 0.0 and torch.isneginf(out[1, 6])
+    for t in (1e-40, 0.5, 1.0):
+        for seed in range(3):  # no "probability tensor contains inf/nan"
+            sample(Temperature(t)(None, out), torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1e-40), dict(repetition_penalty=1e-50),
+                                    dict(temperature=1e-40, repetition_penalty=1e-50)])
+def test_extreme_sampling_parameters_generate(params: dict) -> None:
+    from tests.conftest import reference_pair, tiny_config
+
+    _, model = reference_pair(tiny_config())
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = generate(model, ids, None, GenerationParams(max_new_tokens=4, strategy="sample",
+                                                      seed=0, **params))
+    assert out.sequences.shape == (2, 9) and torch.isfinite(out.sequence_scores).all()

@@ -7,7 +7,7 @@ and runs the one decoding loop of ``engine.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 
 import torch
 from torch import nn
@@ -91,8 +91,25 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
                             params.rows_per_prompt, compile=compile and strategy.compile,
                             cache_dtype=cache_dtype)
         chooser = CHOOSERS[params.strategy](params, state, model.config.pad_token_id)
-        yield from decode_steps(state, chooser, stops, check_every)
+    yield from _each_step_in_inference_mode(decode_steps(state, chooser, stops, check_every))
+    with torch.inference_mode():
         return chooser.result(state)
+
+
+def _each_step_in_inference_mode(steps: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``steps``, each advanced under ``torch.inference_mode``, which is left before every
+    ``yield``: the caller's code between steps runs in the caller's own grad mode, and
+    generators closed in any order cannot leave the thread in inference mode."""
+    try:
+        while True:
+            with torch.inference_mode():
+                tokens = next(steps, None)
+            if tokens is None:
+                return
+            yield tokens
+    finally:
+        with torch.inference_mode():
+            steps.close()
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor,

@@ -43,7 +43,8 @@ class GeneratedText(str):
     """A generated continuation (a ``str``) that also carries how it came about.
 
     Attributes:
-        truncated: the prompt was longer than ``input_max_length`` and lost its oldest tokens.
+        truncated: the prompt was longer than ``input_max_length`` (or than the position
+            table less one new token) and lost its oldest tokens.
         finish_reason: ``"eos"``, ``"stop"`` (a stop string), ``"length"`` (out_max_length)
             or ``"positions"`` (the model's 2048-position table is full).
         num_tokens: tokens generated (a final EOS included).
@@ -94,6 +95,9 @@ class Predictor:
                             f"{type(model).__name__}; load it with task_name='lm'")
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False, got {compile!r}")
+        if _device(model).type == "meta":
+            raise ValueError("the model is on the meta device, which holds no weights; load "
+                             "it on cpu or cuda")
         self.model = model
         self.tokenizer = tokenizer
         self.compile = compile
@@ -214,11 +218,20 @@ class Predictor:
         return GenerateOutput(self._decode(result, enc.truncated, gen), result, enc.truncated)
 
     def _encode(self, texts: list[str], input_max_length: int):
+        """Tokenize, keeping each prompt's last tokens: at most ``input_max_length`` of them,
+        and at most ``max_position_embeddings - 1`` so that one new token always fits."""
         input_max_length = check("input_max_length", input_max_length)
-        enc = self.tokenizer(texts, padding_side="left", max_length=input_max_length)
+        room = self.model.config.max_position_embeddings - 1
+        enc = self.tokenizer(texts, padding_side="left",
+                             max_length=min(input_max_length, room))
         if any(enc.truncated):
-            logger.warning("prompt longer than input_max_length=%d tokens: kept its last "
-                           "tokens", input_max_length)
+            if input_max_length <= room:
+                logger.warning("prompt longer than input_max_length=%d tokens: kept its "
+                               "last tokens", input_max_length)
+            else:
+                logger.warning("prompt longer than the model's position table allows "
+                               "(max_position_embeddings=%d, one position left for a new "
+                               "token): kept its last %d tokens", room + 1, room)
         return enc.to(_device(self.model))
 
     def _decode(self, result: GenerationResult, truncated: list[bool],

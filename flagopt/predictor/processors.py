@@ -45,7 +45,9 @@ class RepetitionPenalty:
 
     A seen token's score is divided by ``penalty`` when positive and multiplied by it when
     negative, so ``penalty > 1`` discourages repetition and ``penalty < 1`` encourages it.
-    Neutral value: ``penalty == 1.0``.
+    Extreme penalties saturate at the dtype's finite range instead of overflowing to +-inf
+    (a penalty that is 0 in the scores' dtype leaves a score of 0 at 0, not NaN), so what
+    follows never sees NaN. Neutral value: ``penalty == 1.0``.
     """
 
     def __init__(self, penalty: float) -> None:
@@ -54,6 +56,11 @@ class RepetitionPenalty:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         seen = _token_mask(input_ids, scores.shape[-1])  # (B, V)
         penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        # NaN here is 0 / 0 and +-inf from a finite score is overflow; finite results are
+        # left as the reference computes them, and a score that was -inf (banned) stays so.
+        finfo = torch.finfo(scores.dtype)
+        penalised = torch.nan_to_num(penalised, nan=0.0, posinf=finfo.max, neginf=finfo.min)
+        penalised = torch.where(torch.isneginf(scores), scores, penalised)
         return torch.where(seen, penalised, scores)
 
 
@@ -117,13 +124,20 @@ class Temperature:
     """Divide scores by ``t``: ``t < 1`` sharpens, ``t > 1`` flattens. Neutral: ``t == 1.0``.
 
     ``t > 0``: ``temperature=0`` means greedy, so no sampler (and no ``Temperature``) is built.
+    A row whose best score overflows when divided (``t`` of 1e-40 and less in float32) gets
+    the limit as ``t -> 0`` instead: 0 for its best tokens (ties kept), ``-inf`` for the rest,
+    so sampling it is greedy. Other rows are divided exactly as the reference divides them.
     """
 
     def __init__(self, t: float) -> None:
         self.t = float(t)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores / self.t
+        scaled = scores / self.t
+        overflow = ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))  # (B, 1): inf or NaN
+        best = scores.amax(dim=-1, keepdim=True)  # (B, 1)
+        greedy = torch.zeros_like(scores).masked_fill(scores < best, _NEG_INF)
+        return torch.where(overflow, greedy, scaled)
 
 
 class TopK:
