@@ -38,7 +38,8 @@ __all__ = ["AutoLoader", "DTYPES", "TASKS", "LoadOptions", "resolve_device", "re
 logger = logging.getLogger(__name__)
 
 TASKS: dict[str, type[nn.Module]] = dict(TASK_CLASSES)  # "lm", "classification", "qa"
-TASK_ALIASES = {"seq_cls": "classification", "cls": "classification"}
+# FlagAI loads OPT under "lm" and "seq2seq" alike: both are the causal LM.
+TASK_ALIASES = {"seq2seq": "lm", "seq_cls": "classification", "cls": "classification"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -71,7 +72,8 @@ class AutoLoader:
     """Resolve, download, build and load an OPT model for a task (FlagAI-compatible).
 
     Args:
-        task_name: ``"lm"``, ``"classification"`` (aliases ``"seq_cls"``, ``"cls"``) or ``"qa"``.
+        task_name: ``"lm"`` (FlagAI's alias ``"seq2seq"``), ``"classification"`` (aliases
+            ``"seq_cls"``, ``"cls"``) or ``"qa"``.
         model_name: a registry name (``"opt-125m-en"``, case-insensitive), a hub repo id
             ``"owner/name[@revision]"``, or a local checkpoint directory (used in place).
         model_dir: where the files are, searched in this order, the first complete directory
