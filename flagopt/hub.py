@@ -362,6 +362,7 @@ def get_file_metadata(url: str, *, token: str | None = None,
 
     Raises:
         EntryNotFoundError, AccessDeniedError, HTTPStatusError: the server said no.
+        HubUnreachableError: no connection could be made (one attempt, no retry).
         DownloadError: the request failed. UnsafeURLError: a non-http(s) URL or redirect.
     """
     _check_http_url(url, "URL")
@@ -548,6 +549,7 @@ def download_file(
 
     Raises:
         EntryNotFoundError, AccessDeniedError: 404, 401/403 (not retried).
+        HubUnreachableError: the host was never reached (DNS, refused), after one retry.
         HTTPStatusError, StalledDownloadError, ChecksumError, DownloadError: still failing
             after the retries.
         InsufficientDiskSpaceError: the file does not fit, or the disk filled while writing.
