@@ -106,6 +106,17 @@ class LockTimeoutError(DownloadError):
     """Another process held a download lock for longer than the wait allowed."""
 
 
+class HubUnreachableError(DownloadError):
+    """No connection to a host could be made at all: its name does not resolve, or it refused
+    or could not be routed to. ``host`` names it (``name`` or ``name:port``), ``reason`` says
+    why in words."""
+
+    def __init__(self, message: str, host: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.host = host
+        self.reason = reason
+
+
 class OfflineError(DownloadError):
     """Files are missing and the network is forbidden (``offline=True`` / ``FLAGOPT_OFFLINE``)."""
 

@@ -20,8 +20,10 @@ validator and lock files are opened without following symlinks. Credentials in a
 
 Transient failures (connection errors, timeouts, stalls, short bodies, 5xx, 429, checksum
 mismatches) are retried with exponential back-off and jitter; the count resets while bytes
-keep arriving. Redirects are followed by hand: only to http(s), and the token never goes to
-another host.
+keep arriving. A host never reached at all (its name does not resolve, the connection is
+refused) gets one quick retry, then ``HubUnreachableError``: one line naming the host and the
+ways out. Redirects are followed by hand: only to http(s), and the token never goes to another
+host.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from flagopt.errors import (
     DownloadError,
     EntryNotFoundError,
     HTTPStatusError,
+    HubUnreachableError,
     InsufficientDiskSpaceError,
     LockTimeoutError,
     OfflineError,
@@ -87,6 +90,7 @@ _CHUNK_SIZE = 1 << 20
 _MAX_REDIRECTS = 10
 _LOCK_POLL_S = 0.05
 _ATTEMPT_CEILING = 100  # hard bound on attempts, even while every attempt makes progress
+_UNREACHABLE_RETRIES = 1  # a host never reached: one quick retry (a resolver hiccup), no more
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _SHA1_RE = re.compile(r"[0-9a-f]{40}")
@@ -323,9 +327,37 @@ def _send(session: requests.Session, method: str, url: str, headers: Mapping[str
         return session.request(method, url, headers=dict(headers), timeout=timeout,
                                allow_redirects=False, stream=stream)
     except (requests.ConnectionError, requests.Timeout) as exc:
+        if (reason := _unreachable_reason(exc)) is not None:
+            host = urlsplit(url).netloc.rpartition("@")[2]
+            raise _Transient(HubUnreachableError(_unreachable_message(host, reason),
+                                                 host=host, reason=reason)) from exc
         raise _Transient(DownloadError(f"{method} {url} failed: {exc}")) from exc
     except requests.RequestException as exc:
         raise DownloadError(f"{method} {url} failed: {exc}") from exc
+
+
+def _unreachable_reason(exc: requests.RequestException) -> str | None:
+    """Why no connection could be made at all (DNS, refused, no route), or None for other
+    failures (timeouts, resets: the host was there)."""
+    retry = exc.args[0] if exc.args else None
+    reason = getattr(retry, "reason", None)  # requests wraps urllib3's MaxRetryError
+    if isinstance(reason, urllib3.exceptions.NameResolutionError):
+        return "its name does not resolve"
+    if not isinstance(reason, urllib3.exceptions.NewConnectionError):
+        return None
+    cause = reason.__cause__ or reason.__context__
+    if isinstance(cause, ConnectionRefusedError):
+        return "the connection was refused"
+    return f"no connection could be made: {cause or reason}"
+
+
+def _unreachable_message(host: str, reason: str, local_dir: Path | None = None,
+                         attempts: int = 1) -> str:
+    tries = f", {attempts} attempts" if attempts > 1 else ""
+    where = f"in {local_dir}" if local_dir is not None else "in the model's directory"
+    return (f"cannot reach {host} ({reason}{tries}): check the network connection, set "
+            f"FLAGOPT_ENDPOINT to a mirror you can reach, or set FLAGOPT_OFFLINE=1 with the "
+            f"model's files {where}")
 
 
 def _retry_after(resp: requests.Response) -> float | None:
@@ -404,6 +436,7 @@ def get_file_metadata(url: str, *, token: str | None = None,
 
     Raises:
         EntryNotFoundError, AccessDeniedError, HTTPStatusError: the server said no.
+        HubUnreachableError: no connection could be made (one attempt, no retry).
         DownloadError: the request failed. UnsafeURLError: a non-http(s) URL or redirect.
     """
     with _no_secrets():
@@ -636,6 +669,7 @@ def download_file(
 
     Raises:
         EntryNotFoundError, AccessDeniedError: 404, 401/403 (not retried).
+        HubUnreachableError: the host was never reached (DNS, refused), after one retry.
         HTTPStatusError, StalledDownloadError, ChecksumError, DownloadError: still failing
             after the retries.
         InsufficientDiskSpaceError: the file does not fit, or the disk filled while writing.
@@ -703,22 +737,30 @@ def _download_with_retries(job: _Job) -> None:
     _check_own_file(job.validator_path)
     failures, attempts = 0, 0
     high_water = _partial_size(job.partial)
+    reached = False  # the host answered once: a later refusal is a transient failure
     while True:
         attempts += 1
         try:
             _attempt(job)
             return
         except _Transient as t:
+            unreachable = isinstance(t.error, HubUnreachableError)
+            reached = reached or not unreachable
             kept = _partial_size(job.partial)
             if _made_progress(t, kept - high_water, job.settings):
                 failures = 0  # bytes keep arriving: not a streak of failures
             high_water = max(high_water, kept)
             failures += 1
-            if failures > job.settings.max_retries or attempts >= _ATTEMPT_CEILING:
+            limit = job.settings.max_retries
+            if not reached:
+                limit = min(limit, _UNREACHABLE_RETRIES)
+            if failures > limit or attempts >= _ATTEMPT_CEILING:
+                if not reached:
+                    raise _never_reached(t.error, job, attempts) from t.__cause__
                 raise _gave_up(t.error, attempts) from t.__cause__
             delay = _backoff(job.settings, failures, t.retry_after)
             logger.warning("%s; retry %d of %d in %.2fs", redact(str(t.error)), failures,
-                           job.settings.max_retries, delay)
+                           limit, delay)
             _sleep(delay)
 
 
@@ -726,6 +768,15 @@ def _made_progress(t: _Transient, gained: int, settings: _Settings) -> bool:
     """A failed attempt that still grew the partial file by a stall window's worth of bytes."""
     stalled = isinstance(t.error, StalledDownloadError)
     return not stalled and gained >= max(1, settings.stall_min_bytes)
+
+
+def _never_reached(error: DownloadError, job: _Job, attempts: int) -> DownloadError:
+    """The one line for a host never reached: which host, why, and where the files go."""
+    if not isinstance(error, HubUnreachableError):
+        return _gave_up(error, attempts)
+    return HubUnreachableError(
+        _unreachable_message(error.host, error.reason, job.dest.parent, attempts),
+        host=error.host, reason=error.reason)
 
 
 def _gave_up(error: DownloadError, attempts: int) -> DownloadError:

@@ -34,4 +34,5 @@ def safe_join(root: str | os.PathLike, name: str) -> Path:
             or pure.parts in ((), (".",)):
         raise UnsafePathError(
             f"refusing file name {name!r}: it would escape the model directory {os.fspath(root)!r}")
-    return Path(root) / pure
+    # Absolute (so a later chdir cannot move it), but links the user made are kept as they are.
+    return Path(root).absolute() / pure

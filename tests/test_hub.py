@@ -28,6 +28,7 @@ from flagopt.errors import (
     DownloadError,
     EntryNotFoundError,
     HTTPStatusError,
+    HubUnreachableError,
     InsufficientDiskSpaceError,
     LockTimeoutError,
     OfflineError,
@@ -434,15 +435,89 @@ def test_5xx_forever_raises_http_status_error(hub_server: HubServer, weights: by
     assert not (tmp_path / WEIGHTS).exists()
 
 
-def test_connection_refused_retried_then_download_error(tmp_path: Path) -> None:
+def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+class _CountingResolver:
+    """Stands in for ``socket.getaddrinfo``: counts connection attempts (urllib3 resolves
+    once per connection, even for an IP literal) and fails them with ``gaierror`` if asked."""
+
+    def __init__(self, fail: bool) -> None:
+        self.calls, self.fail, self._real = 0, fail, socket.getaddrinfo
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.fail:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return self._real(*args, **kwargs)
+
+
+def _ways_out(message: str, directory: Path) -> None:
+    assert "\n" not in message
+    assert "check the network" in message and "FLAGOPT_ENDPOINT" in message
+    assert f"FLAGOPT_OFFLINE=1 with the model's files in {directory}" in message
+
+
+def test_connection_refused_one_quick_retry_then_the_ways_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = _closed_port()
+    resolver, delays = _CountingResolver(fail=False), []
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    monkeypatch.setattr(hub, "_sleep", delays.append)
     url = f"http://127.0.0.1:{port}/{REPO}/resolve/main/{WEIGHTS}"
-    with pytest.raises(DownloadError, match=f"127.0.0.1:{port}") as info:
-        hub.download_file(url, tmp_path / WEIGHTS, **FAST)
-    assert not isinstance(info.value, HTTPStatusError)
-    assert "gave up after 4 attempts" in str(info.value)
+    with pytest.raises(HubUnreachableError, match=f"127.0.0.1:{port}") as info:
+        hub.download_file(url, tmp_path / WEIGHTS, **{**FAST, "retry_base_delay": 1.0})
+    assert isinstance(info.value, DownloadError) and not isinstance(info.value, HTTPStatusError)
+    assert resolver.calls == 2 and len(delays) == 1 and delays[0] <= 1.0  # one quick retry
+    assert info.value.host == f"127.0.0.1:{port}" and "refused" in str(info.value)
+    assert "2 attempts" in str(info.value)
+    _ways_out(str(info.value), tmp_path)
+    assert not (tmp_path / WEIGHTS).exists()
+
+
+def test_dns_failure_one_quick_retry_then_the_ways_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    resolver, delays = _CountingResolver(fail=True), []
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    monkeypatch.setattr(hub, "_sleep", delays.append)
+    url = f"https://hub.example.invalid/{REPO}/resolve/main/{WEIGHTS}"
+    with pytest.raises(HubUnreachableError, match="cannot reach hub.example.invalid ") as info:
+        hub.download_file(url, tmp_path / "sub" / WEIGHTS, progress=False)  # default retries
+    assert resolver.calls == 2 and len(delays) == 1 and delays[0] <= 1.0
+    assert "does not resolve" in str(info.value)
+    _ways_out(str(info.value), tmp_path / "sub")
+
+
+def test_metadata_of_an_unreachable_host_is_one_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    resolver = _CountingResolver(fail=True)
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    with pytest.raises(HubUnreachableError, match="FLAGOPT_ENDPOINT"):
+        hub.get_file_metadata(f"https://hub.example.invalid/{REPO}/resolve/main/{WEIGHTS}")
+    assert resolver.calls == 1
+
+
+def test_refusals_after_the_host_answered_keep_the_full_retries(
+        hub_server: HubServer, weights: bytes, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bytes arrived, then the server went away: a transient failure mid-download, not an
+    # unreachable hub, so the bounded retries apply and the partial file is kept for a resume.
+    hub_server.faults.add(WEIGHTS, "cut_after", server="cdn", nbytes=100_000)
+    delays = []
+
+    def stop_then_wait(delay: float) -> None:
+        delays.append(delay)
+        if len(delays) == 1:
+            hub_server.stop()
+
+    monkeypatch.setattr(hub, "_sleep", stop_then_wait)
+    with pytest.raises(DownloadError, match="gave up after") as info:
+        hub.download_file(hub_server.url(REPO, WEIGHTS), tmp_path / WEIGHTS, **FAST)
+    assert len(delays) == FAST["max_retries"]
+    assert "refused" in str(info.value)
+    assert (tmp_path / (WEIGHTS + ".incomplete")).stat().st_size == 100_000
 
 
 # --- redirects and credentials ----------------------------------------------------------------

@@ -5,9 +5,8 @@
 
 Four steps, one helper each: resolve the name (``registry.resolve_model``), download what is
 missing (``fetch.fetch_model``), read the config, build and load the model (``_build_model``).
-Files live in ``model_dir/<name>/`` when ``model_dir`` is given (FlagAI's layout), else in
-``$FLAGOPT_HOME/<name>/`` (default ``~/.cache/flagopt``); a hub repo id's directory is
-``owner--name[@revision]``. When every file is present no network request is made.
+Where the files are is in ``AutoLoader``'s docstring (``fetch.search_dirs``); when a complete
+copy is found no network request is made.
 """
 
 from __future__ import annotations
@@ -39,7 +38,8 @@ __all__ = ["AutoLoader", "DTYPES", "TASKS", "LoadOptions", "resolve_device", "re
 logger = logging.getLogger(__name__)
 
 TASKS: dict[str, type[nn.Module]] = dict(TASK_CLASSES)  # "lm", "classification", "qa"
-TASK_ALIASES = {"seq_cls": "classification", "cls": "classification"}
+# FlagAI loads OPT under "lm" and "seq2seq" alike: both are the causal LM.
+TASK_ALIASES = {"seq2seq": "lm", "seq_cls": "classification", "cls": "classification"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -72,10 +72,20 @@ class AutoLoader:
     """Resolve, download, build and load an OPT model for a task (FlagAI-compatible).
 
     Args:
-        task_name: ``"lm"``, ``"classification"`` (aliases ``"seq_cls"``, ``"cls"``) or ``"qa"``.
+        task_name: ``"lm"`` (FlagAI's alias ``"seq2seq"``), ``"classification"`` (aliases
+            ``"seq_cls"``, ``"cls"``) or ``"qa"``.
         model_name: a registry name (``"opt-125m-en"``, case-insensitive), a hub repo id
             ``"owner/name[@revision]"``, or a local checkpoint directory (used in place).
-        model_dir: files go to ``model_dir/<model_name>/``; default ``$FLAGOPT_HOME/<name>/``.
+        model_dir: where the files are, searched in this order, the first complete directory
+            winning with no network request: with ``model_dir``, ``model_dir/<model_name as
+            typed>/`` then ``model_dir/<name>/``; without it, for a registry name,
+            ``./checkpoints/<model_name as typed>/`` (FlagAI's default, relative to the
+            working directory) then ``./checkpoints/<name>/``, then ``$FLAGOPT_HOME/<name>/``
+            (default ``~/.cache/flagopt``). A hub repo id's ``<name>`` is
+            ``owner--name[@revision]``. When none is complete, the missing files are
+            downloaded into the last one. Complete: ``config.json``, weights in any layout
+            the loader reads (the hub's shards, or one merged ``pytorch_model.bin`` as FlagAI
+            writes it), ``vocab.json`` and ``merges.txt``; the other files are optional.
         only_download_config: fetch config and tokenizer files only; the model gets fresh
             random weights (normal(0, init_std), zero biases, LayerNorm ones/zeros).
         device: default CUDA when available, else CPU.
@@ -95,7 +105,7 @@ class AutoLoader:
     Raises:
         TypeError: an unknown keyword argument. ValueError (UnknownModelError,
         UnknownTaskError...): a bad name or option. OSError (DownloadError, OfflineError,
-        CheckpointError...): files could not be fetched or read.
+        HubUnreachableError, CheckpointError...): files could not be fetched or read.
     """
 
     def __init__(self, task_name: str = "lm", model_name: str | os.PathLike = "opt-125m-en",
@@ -103,8 +113,9 @@ class AutoLoader:
                  device: str | torch.device | None = None, **kwargs: Any) -> None:
         self.options = _parse_options(task_name, device, kwargs)
         self.target = resolve_model(model_name, registry=self.options.registry)
+        typed = model_name if isinstance(model_name, str) else None
         self.local_dir = fetch_model(self.target, model_dir, only_download_config,
-                                     self.options.fetch)
+                                     self.options.fetch, typed_name=typed)
         self.config = self._read_config()
         self.model = self._build_model(only_download_config)
 

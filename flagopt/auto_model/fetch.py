@@ -1,9 +1,24 @@
-"""What to download for a resolved model name, and fetching it.
+"""Where a resolved model's files are, what to download, and fetching it.
+
+Where (``search_dirs``), first complete directory wins, no request made:
+
+1. with ``model_dir``: ``model_dir/<name as typed>/``, then ``model_dir/<dirname>/``;
+2. without: for a registry name, ``./checkpoints/<name as typed>/`` (FlagAI's default
+   ``model_dir``, relative to the working directory), then ``./checkpoints/<dirname>/``;
+   then ``$FLAGOPT_HOME/<dirname>/`` (default ``~/.cache/flagopt``).
+
+When none is complete, the missing files are downloaded into the last one (``model_local_dir``).
+
+Complete means ``config.json``, weights in any layout the loader reads
+(``checkpoint.find_weight_files``: the hub's shards or one merged ``pytorch_model.bin``, as
+FlagAI writes it) and, for a registry name, ``vocab.json`` + ``merges.txt``: FlagAI's four
+files. The rest (``generation_config.json``, ``special_tokens_map.json``,
+``tokenizer_config.json``) is optional: never required, never the reason for a request, fetched
+alongside when a download is needed anyway, a 404 for one is fine.
 
 A registry entry lists its files; a hub repo id does not, so its weights are found by asking
 the hub for ``checkpoint.WEIGHT_FILES`` in order (``probe_weight_files``), an index first and
-then the shards it names. Files go to ``model_dir/<dirname>/`` (FlagAI's layout) or
-``$FLAGOPT_HOME/<dirname>/``. When every file is present no request is made.
+then the shards it names.
 """
 
 from __future__ import annotations
@@ -22,11 +37,13 @@ from flagopt.errors import CheckpointError, EntryNotFoundError, OfflineError
 from flagopt.model.checkpoint import WEIGHT_FILES, find_weight_files, read_index
 from flagopt.paths import safe_join
 
-__all__ = ["FetchOptions", "download_model", "fetch_model", "flagopt_home", "model_local_dir",
-           "probe_weight_files"]
+__all__ = ["FLAGAI_MODEL_DIR", "FetchOptions", "download_model", "fetch_model", "flagopt_home",
+           "model_local_dir", "probe_weight_files", "search_dirs"]
 
 logger = logging.getLogger(__name__)
 
+FLAGAI_MODEL_DIR = Path("checkpoints")  # FlagAI's model_dir default, relative to the cwd
+_REQUIRED_FILES = ("config.json", "vocab.json", "merges.txt")  # with the weights
 # Hub-repo form: fetched when the repo has them (a 404 is fine); config.json comes last, so its
 # presence means the small files are done.
 _OPTIONAL_FILES = ("generation_config.json", "vocab.json", "merges.txt",
@@ -49,9 +66,32 @@ def flagopt_home() -> Path:
 
 
 def model_local_dir(spec: ModelSpec, model_dir: str | os.PathLike | None = None) -> Path:
-    """``model_dir/<dirname>``, or ``$FLAGOPT_HOME/<dirname>`` (see ``ModelSpec.dirname``)."""
+    """Where a download goes: ``model_dir/<dirname>``, or ``$FLAGOPT_HOME/<dirname>`` (see
+    ``ModelSpec.dirname``)."""
     base = Path(model_dir).expanduser() if model_dir is not None else flagopt_home()
     return safe_join(base, spec.dirname)
+
+
+def search_dirs(spec: ModelSpec, model_dir: str | os.PathLike | None = None,
+                typed_name: str | None = None) -> list[Path]:
+    """The directories where ``spec``'s files are looked for, in order (see the module
+    docstring); the last is ``model_local_dir(spec, model_dir)``, where a download goes.
+
+    Args:
+        typed_name: ``model_name`` as the caller typed it (FlagAI's directory name); default
+            ``spec.name``.
+    """
+    names = [spec.dirname]
+    if not spec.needs_probe:  # FlagAI's names: its directories are the name as typed
+        typed = (typed_name or spec.name).strip()
+        names = list(dict.fromkeys([typed, spec.name]))
+    if model_dir is not None:
+        bases = [Path(model_dir).expanduser()]
+    else:
+        bases = [] if spec.needs_probe else [FLAGAI_MODEL_DIR.absolute()]
+    found = [safe_join(base, name) for base in bases for name in names]
+    last = model_local_dir(spec, model_dir)
+    return [*dict.fromkeys(p for p in found if p != last), last]
 
 
 def download_model(model_name: str | os.PathLike, model_dir: str | os.PathLike | None = None,
@@ -62,7 +102,8 @@ def download_model(model_name: str | os.PathLike, model_dir: str | os.PathLike |
 
     Args:
         model_name: a registry name, hub repo id ``owner/name[@revision]`` or local directory.
-        model_dir: parent directory (FlagAI layout); default ``flagopt_home()``.
+        model_dir: parent directory (FlagAI layout); default: ``./checkpoints/<name>`` when
+            complete there, else ``flagopt_home()`` (see ``search_dirs``).
         only_config: config and tokenizer files only, no weights.
         registry, endpoint, token, offline, progress: as for ``AutoLoader``.
 
@@ -78,31 +119,92 @@ def download_model(model_name: str | os.PathLike, model_dir: str | os.PathLike |
         endpoint = hub.get_endpoint(endpoint)
     options = FetchOptions(endpoint=endpoint, token=token,
                            offline=hub.is_offline(offline), progress=progress)
+    typed = model_name if isinstance(model_name, str) else None
     return fetch_model(resolve_model(model_name, registry=registry), model_dir, only_config,
-                       options)
+                       options, typed_name=typed)
 
 
 def fetch_model(target: ModelSpec | Path, model_dir: str | os.PathLike | None,
-                only_config: bool, options: FetchOptions) -> Path:
+                only_config: bool, options: FetchOptions, *,
+                typed_name: str | None = None) -> Path:
     """The local directory of a resolved name, with its files present (see ``download_model``).
 
+    Args:
+        typed_name: ``model_name`` as typed, for FlagAI's ``./checkpoints/<name>``.
+
     Returns:
-        ``target`` itself for a local directory, else ``model_local_dir(target, model_dir)``.
+        ``target`` itself for a local directory, else the first complete directory of
+        ``search_dirs``, else ``model_local_dir(target, model_dir)`` after the download.
     """
     if isinstance(target, Path):
         if model_dir is not None:
             logger.debug("model_dir is not used for the local directory %s", target)
         return target
-    local_dir = model_local_dir(target, model_dir)
+    *others, local_dir = search_dirs(target, model_dir, typed_name)
+    for candidate in others:
+        if (problem := _incomplete(target, candidate, only_config)) is None:
+            logger.info("using %s for %s", candidate, target.name)
+            return candidate
+        if candidate.is_dir():
+            logger.info("not using %s for %s: %s", candidate, target.name, problem)
     if target.needs_probe:
         _fetch_hub_repo(target, local_dir, only_config, options)
     else:
-        files = target.config_files if only_config else target.files
-        hub.download_repo_files(target.repo, files, local_dir, endpoint=options.endpoint,
-                                revision=target.revision, expected=target.expected(),
+        _fetch_registry_model(target, local_dir, only_config, options)
+    return local_dir
+
+
+def _fetch_registry_model(spec: ModelSpec, local_dir: Path, only_config: bool,
+                          options: FetchOptions) -> None:
+    """The required files that are missing (weights only if no layout we read is there),
+    then the optional ones alongside, a 404 for one being fine. Nothing is asked when
+    complete, online or offline."""
+    missing = _missing_required(spec, local_dir, only_config)
+    if not missing:
+        return
+
+    def get(names: list[str]) -> None:
+        hub.download_repo_files(spec.repo, names, local_dir, endpoint=options.endpoint,
+                                revision=spec.revision, expected=spec.expected(),
                                 token=options.token, progress=options.progress,
                                 offline=options.offline)
-    return local_dir
+
+    get(missing)  # offline: OfflineError names exactly these
+    for name in spec.config_files:
+        if name not in _REQUIRED_FILES:
+            try:
+                get([name])
+            except EntryNotFoundError:
+                logger.info("%s@%s has no %s", spec.repo, spec.revision, name)
+
+
+def _missing_required(spec: ModelSpec, local_dir: Path, only_config: bool) -> list[str]:
+    """The registry files ``local_dir`` needs: config and tokenizer files it lacks, and the
+    entry's weight files it lacks when no weights layout we read is complete there."""
+    missing = [f for f in spec.config_files
+               if f in _REQUIRED_FILES and not safe_join(local_dir, f).is_file()]
+    if not only_config and _weights_problem(local_dir) is not None:
+        missing += [f for f in spec.weight_files if not safe_join(local_dir, f).is_file()]
+    return missing
+
+
+def _incomplete(spec: ModelSpec, local_dir: Path, only_config: bool) -> str | None:
+    """Why ``local_dir`` is not a complete copy of ``spec``, or None."""
+    if spec.needs_probe:
+        return _missing_from(local_dir, only_config)
+    absent = [f for f in _REQUIRED_FILES
+              if (f == "config.json" or f in spec.files) and not (local_dir / f).is_file()]
+    if absent:
+        return f"{', '.join(absent)} missing"
+    return None if only_config else _weights_problem(local_dir)
+
+
+def _weights_problem(local_dir: Path) -> str | None:
+    try:
+        find_weight_files(local_dir)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def _fetch_hub_repo(spec: ModelSpec, local_dir: Path, only_config: bool,
@@ -146,13 +248,7 @@ def _missing_from(local_dir: Path, only_config: bool) -> str | None:
     """What keeps ``local_dir`` from being a complete checkpoint, or None."""
     if not (local_dir / "config.json").is_file():
         return "config.json is missing"
-    if only_config:
-        return None
-    try:
-        find_weight_files(local_dir)
-    except CheckpointError as exc:
-        return str(exc)
-    return None
+    return None if only_config else _weights_problem(local_dir)
 
 
 def probe_weight_files(repo: str, revision: str = "main", *, endpoint: str | None = None,
