@@ -33,7 +33,8 @@ _EXTRA = {"seed": "seed", "stop": "stop", "eos_token_id": "eos_token_ids",
           "num_return_sequences": "num_return_sequences",
           "no_repeat_ngram_size": "no_repeat_ngram_size", "min_new_tokens": "min_new_tokens",
           "min_p": "min_p", "length_penalty": "length_penalty",
-          "early_stopping": "early_stopping", "repetition_penalty": "repetition_penalty"}
+          "early_stopping": "early_stopping", "repetition_penalty": "repetition_penalty",
+          "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 # FlagAI's names of GenerationParams fields, for error messages.
 _FLAGAI_NAMES = {"max_new_tokens": "out_max_length", "num_beams": "beam_size",
                  "eos_token_ids": "eos_token_id"}
@@ -111,7 +112,7 @@ class Predictor:
 
         ``top_k=0`` turns top-k off; ``temperature=0`` means greedy. Extra keyword arguments:
         seed, stop, eos_token_id, num_return_sequences, no_repeat_ngram_size,
-        min_new_tokens, min_p.
+        min_new_tokens, min_p, presence_penalty, frequency_penalty.
         """
         return self._texts(text, input_max_length, kwargs, strategy="sample",
                            max_new_tokens=out_max_length,
