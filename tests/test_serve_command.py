@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -47,11 +48,12 @@ def test_sigterm_lets_requests_in_flight_finish_and_exits_0(model_dir: Path) -> 
             httpx.post(f"{url}/v1/completions", json=body, timeout=60))) for _ in range(4)]
         for w in workers:
             w.start()
-        deadline = 200
-        while deadline and "num_requests_running{model_name=\"tiny\"} 0" in \
-                httpx.get(f"{url}/metrics").text:
-            deadline -= 1
-        proc.send_signal(signal.SIGTERM)  # 2 running, 2 waiting for a row
+        accepted = 'prompt_tokens_total{model_name="tiny"} 8'  # 4 prompts of 2 tokens
+        deadline = time.monotonic() + 60
+        while accepted not in httpx.get(f"{url}/metrics").text:
+            assert time.monotonic() < deadline, "the requests never reached the engine"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # all four accepted: 2 running, 2 waiting for a row
         for w in workers:
             w.join(60)
         assert proc.wait(60) == 0
