@@ -29,7 +29,10 @@ setup(
     extras_require={
         # transformers is the reference implementation the tests compare against; the
         # library itself never imports it.
-        "test": ["pytest>=7", "transformers>=4.56"],
+        "test": ["pytest>=7", "transformers>=4.56", "fastapi>=0.110", "uvicorn>=0.29",
+                 "openai>=1.30", "httpx>=0.27"],
+        # `flagopt serve`: the HTTP layer (flagopt.serve.app); the core install needs neither.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
     entry_points={
         "console_scripts": [

@@ -1,5 +1,6 @@
 """The ``flagopt`` command: ``flagopt generate`` streams a continuation to stdout;
-``flagopt download`` fetches models ahead of time (same as ``flagopt-download``).
+``flagopt download`` fetches models ahead of time (same as ``flagopt-download``);
+``flagopt serve MODEL`` answers OpenAI's completions API over HTTP (``flagopt.serve``).
 
     flagopt generate --model opt-125m-en "The trophy doesn't fit in the suitcase because"
     echo "Paris is the capital of" | flagopt generate --model opt-125m-en --beam-size 4
@@ -93,7 +94,41 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub.add_parser("download", help="download models ahead of time (see flagopt-download -h)",
                    add_help=False)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="serve MODEL over an OpenAI-compatible HTTP API "
+                                       "(needs the serve extra: pip install 'flagopt[serve]')")
+    srv.add_argument("model", help="registry name, hub repo id (owner/name[@rev]) or local "
+                                   "directory")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                                                         "127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    srv.add_argument("--served-model-name", help="the model id clients send (default: MODEL)")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    srv.add_argument("--max-batch-size", type=int, default=16,
+                     help="sequences decoded together (rows of the KV cache)")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="requests that may wait for a row; more are answered 429")
+    srv.add_argument("--max-model-len", type=int,
+                     help="positions per request, prompt + completion (default: the model's)")
+    srv.add_argument("--max-tokens-default", type=int, default=16,
+                     help="max_tokens when a request leaves it out")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds to let requests finish after SIGINT/SIGTERM")
+    srv.add_argument("--chat-template", help="a Jinja chat template file for "
+                                             "/v1/chat/completions (OPT has none)")
+    srv.add_argument("--model-dir", help="where models are stored (default $FLAGOPT_HOME)")
+    srv.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    srv.add_argument("--dtype", help="float32, float16 or bfloat16")
+    srv.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization")
+    srv.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"),
+                     help="KV cache dtype (default: the model's)")
+    srv.add_argument("--endpoint", help="hub mirror (default $FLAGOPT_ENDPOINT or the hub)")
+    srv.add_argument("--offline", action="store_true", help="never use the network")
+    srv.add_argument("--quiet", action="store_true", help="no progress bars, no request log")
 
 
 def _params(args: argparse.Namespace) -> dict:
@@ -207,6 +242,40 @@ def _generate(args: argparse.Namespace) -> int:
     return status
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from flagopt.serve import create_app, run
+        from flagopt.serve.app import read_chat_template
+    except ImportError as exc:
+        raise OSError(f"flagopt serve needs FastAPI and uvicorn ({exc}): "
+                      f"pip install 'flagopt[serve]'") from None
+    from flagopt.auto_model import AutoLoader
+
+    template = read_chat_template(args.chat_template) if args.chat_template else None
+    options = {k: v for k, v in dict(dtype=args.dtype, quantize=args.quantize,
+                                     endpoint=args.endpoint).items() if v is not None}
+    if args.offline:
+        options["offline"] = True
+    if args.quiet:
+        options["progress"] = False
+    loader = AutoLoader("lm", args.model, model_dir=args.model_dir, device=args.device,
+                        **options)
+    name = args.served_model_name or args.model
+    app = create_app(loader.get_model().eval(), loader.get_tokenizer(), served_model_name=name,
+                     api_key=args.api_key, max_batch_size=args.max_batch_size,
+                     max_queue=args.max_queue, max_model_len=args.max_model_len,
+                     max_tokens_default=args.max_tokens_default, chat_template=template,
+                     cache_dtype=args.cache_dtype)
+    logging.getLogger("flagopt.serve").setLevel(logging.WARNING if args.quiet
+                                                else logging.INFO)
+
+    def ready(url: str) -> None:
+        print(f"flagopt: serving {name} at {url}/v1 (Ctrl-C to stop)", flush=True)
+
+    run(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout, on_ready=ready)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flagopt`` console command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -219,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                             format="flagopt: %(message)s")
-        return _generate(args)
+        return _serve(args) if args.command == "serve" else _generate(args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ Positions and the attention mask are the caller's business (``OPTModel.forward``
 from a 2-D attention mask and ``KVCache.length``; the static step from its key mask), so the
 decoder needs nothing else from a cache.
 
-Two implementations:
+Three implementations:
 
 - ``KVCache``: preallocated ``(layers, batch, heads, capacity, head_dim)`` buffers, one length
   for all rows held on the host; ``update`` writes at ``length`` and returns the filled prefix
@@ -21,13 +21,12 @@ Two implementations:
   graphs): ``update`` writes at a *tensor* slot and returns the whole capacity, so no shape
   depends on the step; the key mask hides the unfilled slots. Its owner moves the slot.
 
-A per-row-length cache (continuous batching: each row its own length and write position) is a
-third small class, not a third decoder: keep the buffers, hold ``lengths`` as a (B,) long
-tensor, write ``update``'s new keys/values at ``lengths[b] + arange(T)`` of each row (one
-``index_put_`` with row and slot indices) and return the whole capacity like the static view;
-``advance(n)`` adds n to the lengths of the active rows. Its owner builds the decoder's
-inputs from the lengths: positions ``lengths[:, None] + arange(T)`` (minus each row's
-padding) and the key mask ``slot <= lengths[b] + t`` per query, (B, 1, T, capacity).
+- ``RowCache``: the same buffers with one length per row (continuous batching): each row is
+  a request of its own, admitted from a prompt's ``KVCache`` and retired when it ends.
+  ``update`` writes the new keys/values at ``lengths[b] + arange(T)`` of each row (one
+  ``index_put_``) and returns the rows and positions in use; ``advance(n)`` adds n to the
+  lengths of the active rows. ``step_inputs`` builds the decoder's positions and key mask
+  from the lengths, so a row's logits are those of the same tokens run alone.
 """
 
 from __future__ import annotations
@@ -174,3 +173,112 @@ class StaticCacheView:
 
     def advance(self, num_positions: int) -> None:
         """Nothing to count here: the owner moves the slot between steps."""
+
+
+class RowCache:
+    """A ``Cache`` whose rows each hold one sequence of its own length (continuous batching).
+
+    Buffers ``(layers, rows, heads, capacity, head_dim)`` as in ``KVCache``; ``lengths`` (rows,)
+    long on the cache's device and ``active`` (rows,) bool say what each row holds. A forward
+    pass covers rows ``[0, span_rows)`` and positions ``[0, span)`` (set by ``step_inputs``),
+    so free rows past the last active one and unfilled positions past the longest row cost
+    nothing. API: ``admit`` (a prompt's ``KVCache`` row into a free row), ``retire``,
+    ``step_inputs`` (positions and key mask of the next T tokens), ``update``, ``advance``.
+    """
+
+    def __init__(self, num_layers: int, rows: int, num_heads: int, capacity: int,
+                 head_dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (num_layers, rows, num_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.active = torch.zeros(rows, dtype=torch.bool, device=device)
+        self._span_rows, self._span = rows, capacity
+
+    @classmethod
+    def for_model(cls, config: OPTConfig, rows: int, capacity: int, *,
+                  dtype: torch.dtype, device: torch.device | str) -> "RowCache":
+        """A cache shaped for ``config``: ``rows`` sequences of up to ``capacity`` positions."""
+        return cls(config.num_hidden_layers, rows, config.num_attention_heads, capacity,
+                   config.head_dim, dtype=dtype, device=device)
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def free_rows(self) -> list[int]:
+        """Indices of the rows holding no sequence, lowest first (admit there first)."""
+        return (~self.active).nonzero().flatten().tolist()
+
+    def admit(self, row: int, prompt: KVCache, prompt_row: int = 0) -> None:
+        """Copy ``prompt``'s row ``prompt_row`` (its filled positions) into free row ``row``.
+
+        Raises:
+            ValueError: ``row`` is in use, or the prompt does not fit the capacity.
+        """
+        if bool(self.active[row]):
+            raise ValueError(f"row {row} is in use; admit into one of {self.free_rows()}")
+        n = prompt.length
+        if n > self.capacity:
+            raise ValueError(f"a prompt of {n} positions does not fit a capacity of "
+                             f"{self.capacity}")
+        self.k[:, row, :, :n] = prompt.k[:, prompt_row, :, :n]  # (L, H, n, D)
+        self.v[:, row, :, :n] = prompt.v[:, prompt_row, :, :n]
+        self.lengths[row] = n
+        self.active[row] = True
+
+    def retire(self, row: int) -> None:
+        """Free ``row``: its positions are forgotten and the row can be admitted into again."""
+        self.active[row] = False
+        self.lengths[row] = 0
+
+    def step_inputs(self, t: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (R, T) and key mask (R, 1, T, S) for T new tokens in rows ``[0, R)``.
+
+        R is one past the last active row and S the longest row's length plus T; the next
+        ``update`` returns exactly those rows and positions. Query t of row b sees the slots
+        ``<= lengths[b] + t`` (its past and itself); a free row's queries see slot 0 alone, so
+        no row of the mask is empty (which would turn into NaN).
+        """
+        active = self.active.nonzero().flatten()
+        rows = int(active[-1]) + 1 if len(active) else 1
+        lengths = self.lengths[:rows]
+        span = min(int(lengths.max()) + t, self.capacity)
+        self._span_rows, self._span = rows, span
+        new = torch.arange(t, device=self.device)
+        positions = lengths[:, None] + new  # (R, T)
+        slots = torch.arange(span, device=self.device)
+        mask = slots[None, None, :] <= positions[:, :, None]  # (R, T, S)
+        return positions, mask[:, None]  # (R, 1, T, S)
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k_new``/``v_new`` (R, H, T, D) at each row's length; return (R, H, S, D).
+
+        R and S are the rows and positions of the last ``step_inputs`` call.
+        """
+        rows, t = k_new.shape[0], k_new.shape[2]
+        slots = self.lengths[:rows, None] + torch.arange(t, device=self.device)  # (R, T)
+        index = (torch.arange(rows, device=self.device)[:, None].expand(rows, t), slots)
+        # index_put_ over (rows, slots) of the (R, C, H, D) view: one write for every row
+        for buf, new in ((self.k, k_new), (self.v, v_new)):
+            buf[layer].transpose(1, 2).index_put_(index, new.transpose(1, 2).to(buf.dtype))
+        return (self.k[layer, :self._span_rows, :, :self._span],
+                self.v[layer, :self._span_rows, :, :self._span])
+
+    def advance(self, num_positions: int) -> None:
+        """Add ``num_positions`` to the length of every active row."""
+        self.lengths += num_positions * self.active.long()

@@ -119,6 +119,8 @@ class Chooser:
         self.pad_id = pad_id
         self.processors: list[LogitsProcessor] = build_logits_processors(
             prompt_len=state.prompt_len, repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
             no_repeat_ngram_size=params.no_repeat_ngram_size,
             min_new_tokens=params.min_new_tokens, eos_token_ids=params.eos_token_ids,
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,

@@ -41,6 +41,10 @@ LIMITS: dict[str, Limit] = {
     "top_p": Limit(float, lambda v: 0 < v <= 1, "0 < top_p <= 1"),
     "min_p": Limit(float, lambda v: 0 <= v <= 1, "0 <= min_p <= 1"),
     "repetition_penalty": Limit(float, lambda v: v > 0, "> 0 (1 is off)"),
+    "presence_penalty": Limit(float, lambda v: -2 <= v <= 2, "-2 <= presence_penalty <= 2 "
+                                                              "(0 is off)"),
+    "frequency_penalty": Limit(float, lambda v: -2 <= v <= 2, "-2 <= frequency_penalty <= 2 "
+                                                                "(0 is off)"),
     "length_penalty": Limit(float, lambda v: True, "any finite number"),
     "penalty_alpha": Limit(float, lambda v: 0 <= v <= 1, "0 <= penalty_alpha <= 1"),
 }
@@ -105,6 +109,8 @@ class GenerationParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0
     num_beams: int = 1
@@ -129,7 +135,8 @@ class GenerationParams:
                              f"{tuple(STRATEGIES)}")
         for name in ("max_new_tokens", "num_beams", "num_return_sequences", "top_k",
                      "no_repeat_ngram_size", "min_new_tokens", "temperature", "top_p",
-                     "min_p", "repetition_penalty", "length_penalty", "penalty_alpha"):
+                     "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                     "length_penalty", "penalty_alpha"):
             set_(name, check(name, getattr(self, name), shown(name)))
         if self.seed is not None:
             set_("seed", check("seed", self.seed, shown("seed")))

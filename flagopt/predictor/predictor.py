@@ -33,7 +33,8 @@ _EXTRA = {"seed": "seed", "stop": "stop", "eos_token_id": "eos_token_ids",
           "num_return_sequences": "num_return_sequences",
           "no_repeat_ngram_size": "no_repeat_ngram_size", "min_new_tokens": "min_new_tokens",
           "min_p": "min_p", "length_penalty": "length_penalty",
-          "early_stopping": "early_stopping", "repetition_penalty": "repetition_penalty"}
+          "early_stopping": "early_stopping", "repetition_penalty": "repetition_penalty",
+          "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 # FlagAI's names of GenerationParams fields, for error messages.
 _FLAGAI_NAMES = {"max_new_tokens": "out_max_length", "num_beams": "beam_size",
                  "eos_token_ids": "eos_token_id"}
@@ -115,7 +116,7 @@ class Predictor:
 
         ``top_k=0`` turns top-k off; ``temperature=0`` means greedy. Extra keyword arguments:
         seed, stop, eos_token_id, num_return_sequences, no_repeat_ngram_size,
-        min_new_tokens, min_p.
+        min_new_tokens, min_p, presence_penalty, frequency_penalty.
         """
         return self._texts(text, input_max_length, kwargs, strategy="sample",
                            max_new_tokens=out_max_length,
@@ -190,7 +191,7 @@ class Predictor:
         steps = iter_generate(self.model, enc.input_ids, enc.attention_mask, gen,
                               decode=self.tokenizer.decode, compile=self.compile,
                               cache_dtype=self.cache_dtype)
-        yield from _StopAwareStream(self.tokenizer, gen.stop).run(steps)
+        yield from StopAwareStream(self.tokenizer, gen.stop).run(steps)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -250,8 +251,13 @@ class Predictor:
         return out
 
 
-class _StopAwareStream:
-    """Streams text pieces, holding back a tail that could still become a stop string."""
+class StopAwareStream:
+    """Streams one sequence's text, holding back a tail that could still become a stop string.
+
+    Feed it token ids with ``push`` (text ready now, and whether a stop string ended it) and
+    end it with ``finish``; the pieces join to the text cut at the first stop string and never
+    split a character. ``Predictor.stream`` and the server's rows use it alike.
+    """
 
     def __init__(self, tokenizer: OPTTokenizer, stops: tuple[str, ...]) -> None:
         self.decoder = tokenizer.incremental_decoder()
@@ -259,21 +265,29 @@ class _StopAwareStream:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.pending = ""
 
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add one token; the text that can be released now, and whether it hit a stop."""
+        self.pending += self.decoder.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """End the stream (no stop was hit): the text still held back."""
+        self.pending += self.decoder.flush()
+        return self._release(final=True)[0]
+
     def run(self, steps: Iterator[torch.Tensor]) -> Iterator[str]:
         while True:
             try:
                 tokens = next(steps)
             except StopIteration:
                 break
-            self.pending += self.decoder.push(int(tokens[0]))
-            piece, stopped = self._release(final=False)
+            piece, stopped = self.push(int(tokens[0]))
             if piece:
                 yield piece
             if stopped:
                 steps.close()
                 return
-        self.pending += self.decoder.flush()
-        piece, _ = self._release(final=True)
+        piece = self.finish()
         if piece:
             yield piece
 

@@ -64,6 +64,49 @@ class RepetitionPenalty:
         return torch.where(seen, penalised, scores)
 
 
+def _generated_counts(input_ids: torch.Tensor, prompt_len: int, vocab_size: int) -> torch.Tensor:
+    """Float ``[B, V]``: how often each token occurs after the first ``prompt_len`` positions."""
+    ids = input_ids[:, prompt_len:]
+    spare = vocab_size  # padding and ids outside the scores go to a dropped column
+    ids = ids.masked_fill(ids < 0, spare).clamp(max=spare)
+    counts = torch.zeros(ids.shape[0], vocab_size + 1, device=ids.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+class PresencePenalty:
+    """OpenAI's additive presence penalty: subtract ``penalty`` from the score of every token
+    generated at least once (the prompt does not count).
+
+    ``scores[j] -= penalty * (count[j] > 0)``; ``penalty < 0`` encourages repetition.
+    Neutral value: ``penalty == 0``.
+    """
+
+    def __init__(self, prompt_len: int, penalty: float) -> None:
+        self.prompt_len = prompt_len
+        self.penalty = float(penalty)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        counts = _generated_counts(input_ids, self.prompt_len, scores.shape[-1])
+        return scores - self.penalty * (counts > 0).to(scores.dtype)
+
+
+class FrequencyPenalty:
+    """OpenAI's additive frequency penalty: subtract ``penalty`` times the number of times a
+    token was generated so far (the prompt does not count).
+
+    ``scores[j] -= penalty * count[j]``. Neutral value: ``penalty == 0``.
+    """
+
+    def __init__(self, prompt_len: int, penalty: float) -> None:
+        self.prompt_len = prompt_len
+        self.penalty = float(penalty)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        counts = _generated_counts(input_ids, self.prompt_len, scores.shape[-1])
+        return scores - self.penalty * counts.to(scores.dtype)
+
+
 class NoRepeatNGram:
     """Forbid (score ``-inf``) any token that would complete an n-gram already in the row.
 
@@ -208,6 +251,8 @@ def build_logits_processors(
     *,
     prompt_len: int,
     repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     no_repeat_ngram_size: int = 0,
     min_new_tokens: int = 0,
     eos_token_ids: Sequence[int] = (),
@@ -223,15 +268,18 @@ def build_logits_processors(
     They are applied in the order of Hugging Face transformers' ``generate``:
 
     1. `RepetitionPenalty` (``repetition_penalty != 1``)
-    2. `NoRepeatNGram` (``no_repeat_ngram_size > 0``)
-    3. `MinNewTokens` (``min_new_tokens > 0`` and some EOS id)
+    2. `PresencePenalty` (``presence_penalty != 0``; OpenAI's, which transformers lacks:
+       with the other penalties, before any warper, as vLLM applies it)
+    3. `FrequencyPenalty` (``frequency_penalty != 0``; likewise)
+    4. `NoRepeatNGram` (``no_repeat_ngram_size > 0``)
+    5. `MinNewTokens` (``min_new_tokens > 0`` and some EOS id)
 
     then, only when ``sampling``, the warpers:
 
-    4. `Temperature` (``temperature != 1``)
-    5. `TopK` (``top_k > 0``)
-    6. `TopP` (``top_p < 1``)
-    7. `MinP` (``min_p > 0``; after temperature, as in the reference)
+    6. `Temperature` (``temperature != 1``)
+    7. `TopK` (``top_k > 0``)
+    8. `TopP` (``top_p < 1``)
+    9. `MinP` (``min_p > 0``; after temperature, as in the reference)
 
     Beam sampling (``num_beams > 1``) keeps at least ``len(eos_token_ids) + 1`` tokens (2 at
     least) in the warpers, as the reference does, so a beam can always continue past an EOS.
@@ -242,7 +290,7 @@ def build_logits_processors(
 
     Args:
         prompt_len: length ``T`` of the (left-padded) prompt batch.
-        repetition_penalty, no_repeat_ngram_size, min_new_tokens, eos_token_ids, temperature,
+        repetition_penalty, presence_penalty, frequency_penalty, no_repeat_ngram_size, min_new_tokens, eos_token_ids, temperature,
             top_k, top_p, min_p: as in the classes above, in ``GenerationParams``' ranges
             (checked there, not here).
         sampling: whether the next token is sampled; warpers are built only then.
@@ -254,6 +302,10 @@ def build_logits_processors(
     processors: list[LogitsProcessor] = []
     if repetition_penalty != 1.0:
         processors.append(RepetitionPenalty(repetition_penalty))
+    if presence_penalty != 0.0:
+        processors.append(PresencePenalty(prompt_len, presence_penalty))
+    if frequency_penalty != 0.0:
+        processors.append(FrequencyPenalty(prompt_len, frequency_penalty))
     if no_repeat_ngram_size != 0:
         processors.append(NoRepeatNGram(no_repeat_ngram_size))
     if min_new_tokens != 0 and len(eos_token_ids) > 0:

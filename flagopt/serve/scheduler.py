@@ -1,0 +1,344 @@
+"""The continuous-batching scheduler: a waiting queue, running rows, admit / step / retire.
+
+A small object with no threads and no HTTP (tests drive it directly; ``engine.py`` runs it in
+a loop). Each ``step``:
+
+1. **admit**: while the oldest waiting request finds ``n`` free rows, run its prompt alone
+   through the model into a small ``KVCache`` and copy that into each of its rows
+   (``RowCache.admit``); the prompt's logits give each row its first token;
+2. **decode**: one forward pass over the running rows (each at its own length, see
+   ``RowCache``) gives every row its next token;
+3. **retire**: rows that hit EOS, a stop string or their token budget free their row at once.
+
+Every row chooses its tokens with its own processors (``build_logits_processors``), its own
+``torch.Generator`` and its own stop rules (``EosCriterion``, ``StopAwareStream`` around
+``cut_at_stop``), so a request's output does not depend on what else is running: greedy
+rows give ``Predictor``'s text for the same prompt. Log-probabilities reported are the
+model's own (``log_softmax`` of the raw logits), before any processor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flagopt.model.cache import KVCache, RowCache
+from flagopt.predictor.engine import check_cache_dtype
+from flagopt.predictor.params import GenerationParams
+from flagopt.predictor.predictor import StopAwareStream
+from flagopt.predictor.processors import LogitsProcessor, apply_processors, \
+    build_logits_processors, sample
+from flagopt.predictor.stopping import EosCriterion
+from flagopt.tokenizer import OPTTokenizer
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds ``max_queue`` requests already; try again later."""
+
+
+@dataclass
+class Request:
+    """One completion request: a prompt's ids and how to continue it.
+
+    ``params`` carries the sampling fields, stop strings, EOS ids (the stop token ids
+    included), ``seed`` and ``num_return_sequences`` (OpenAI's ``n``); ``max_tokens`` is the
+    token budget (0: score the prompt only). ``logprobs`` is the number of top alternatives
+    to report per token (None: no log-probabilities); ``prompt_logprobs`` also scores the
+    prompt (``echo`` with ``logprobs``).
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: GenerationParams
+    max_tokens: int
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.params.num_return_sequences
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability and the ``top`` alternatives (id -> log-probability)."""
+
+    token_id: int
+    logprob: float | None  # None for the prompt's first token
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Event:
+    """What a step produced for one choice of one request.
+
+    ``text`` is the newly released text (never half a character, never past a stop string);
+    ``token_ids`` the tokens generated this step (none for a prompt-only event);
+    ``finish_reason`` is ``"stop"``, ``"length"`` or ``"error"`` (then ``error`` says why)
+    on the choice's last event, else None. ``prompt_logprobs`` comes once, on the first
+    event of choice 0 when the request asked for it.
+    """
+
+    request_id: str
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+class _Row:
+    """A running choice: its history, chooser pieces, budget and text stream."""
+
+    def __init__(self, request: Request, index: int, tokenizer: OPTTokenizer,
+                 device: torch.device) -> None:
+        params = request.params
+        self.request, self.index = request, index
+        self.history = list(request.prompt_ids)
+        self.generated = 0
+        self.processors: list[LogitsProcessor] = build_logits_processors(
+            prompt_len=len(request.prompt_ids), repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            no_repeat_ngram_size=params.no_repeat_ngram_size,
+            min_new_tokens=params.min_new_tokens, eos_token_ids=params.eos_token_ids,
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+            min_p=params.min_p, sampling=params.sampling)
+        self.generator = None
+        if params.sampling:
+            self.generator = torch.Generator(device=device)
+            if params.seed is None:
+                self.generator.seed()
+            else:  # choice i of a seeded request: seed + i, so choice 0 is the n=1 answer
+                self.generator.manual_seed((params.seed + index) % 2 ** 63)
+        self.eos = EosCriterion(params.eos_token_ids, "cpu")
+        self.text = StopAwareStream(tokenizer, params.stop)
+
+    def choose(self, logits: torch.Tensor) -> Event:
+        """Pick the next token from this row's logits (V,); the event it makes."""
+        scores = logits.float()[None]  # (1, V)
+        if self.processors:
+            history = torch.tensor([self.history], device=logits.device)
+            scores = apply_processors(self.processors, history, scores)
+        token = int(sample(scores, self.generator)[0] if self.generator is not None
+                    else scores.argmax(-1)[0])
+        self.history.append(token)
+        self.generated += 1
+        event = Event(self.request.request_id, self.index, token_ids=[token])
+        if self.request.logprobs is not None:
+            event.logprobs = [_logprob_of(logits.float().log_softmax(-1), token,
+                                          self.request.logprobs)]
+        if bool(self.eos(torch.tensor(token))):  # EOS and stop token ids: not in the text
+            event.text, event.finish_reason = self.text.finish(), "stop"
+            return event
+        event.text, stopped = self.text.push(token)
+        if stopped:
+            event.finish_reason = "stop"
+        elif self.generated >= self.request.max_tokens:
+            event.text += self.text.finish()
+            event.finish_reason = "length"
+        return event
+
+
+def _logprob_of(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s entry in ``logprobs`` (V,) with the ``top`` most likely alternatives."""
+    best = {}
+    if top:
+        values, ids = logprobs.topk(top)
+        best = dict(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), best)
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_ids: Sequence[int], top: int
+                    ) -> list[TokenLogprob]:
+    """The model's log-probability of each prompt token given the ones before it.
+
+    Args:
+        logits: (T, V) the prompt's logits, position t predicting token t + 1.
+        prompt_ids: the T prompt tokens.
+        top: alternatives to report per position.
+    Returns:
+        T entries, the first with ``logprob`` None (nothing predicts it).
+    """
+    logprobs = logits.float().log_softmax(-1)  # (T, V)
+    out = [TokenLogprob(int(prompt_ids[0]), None)]
+    for t in range(1, len(prompt_ids)):
+        out.append(_logprob_of(logprobs[t - 1], int(prompt_ids[t]), top))
+    return out
+
+
+class Scheduler:
+    """Requests in, events out, one ``step`` at a time (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, tokenizer: OPTTokenizer, *, max_batch_size: int = 16,
+                 max_queue: int = 64, max_model_len: int | None = None,
+                 cache_dtype: torch.dtype | str | None = None) -> None:
+        """Args:
+            model: an ``OPTForCausalLM``, in eval mode.
+            tokenizer: its tokenizer (stop strings and text).
+            max_batch_size: rows of the cache: choices decoded together.
+            max_queue: requests that may wait for rows; more raise ``QueueFullError``.
+            max_model_len: positions per row (prompt + generated); default and at most the
+                model's position table.
+            cache_dtype: the KV cache's dtype; None is the model's own.
+        """
+        config = model.config
+        table = config.max_position_embeddings
+        max_model_len = table if max_model_len is None else max_model_len
+        for name, value, high in (("max_batch_size", max_batch_size, None),
+                                  ("max_queue", max_queue, None),
+                                  ("max_model_len", max_model_len, table)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 \
+                    or (high is not None and value > high):
+                bound = f"between 1 and {high} (the position table)" if high else ">= 1"
+                raise ValueError(f"{name}={value!r}; expected an integer {bound}")
+        param = next(p for p in model.parameters() if p.is_floating_point())
+        self.model, self.tokenizer = model, tokenizer
+        self.device = param.device
+        self.max_model_len, self.max_queue = max_model_len, max_queue
+        self.cache = RowCache.for_model(config, max_batch_size, max_model_len,
+                                        dtype=check_cache_dtype(cache_dtype) or param.dtype,
+                                        device=self.device)
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, _Row] = {}  # cache row -> its choice
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.cache.rows
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests with at least one row decoding."""
+        return len({row.request.request_id for row in self.running.values()})
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        """Queue ``request``.
+
+        Raises:
+            QueueFullError: ``max_queue`` requests are waiting already.
+            ValueError: it can never run here (``n`` above the rows, or prompt plus
+                ``max_tokens`` past ``max_model_len``; the server checks both first).
+        """
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_queue="
+                                 f"{self.max_queue})")
+        if request.n > self.max_batch_size:
+            raise ValueError(f"n={request.n} is more than max_batch_size="
+                             f"{self.max_batch_size} rows")
+        if not request.prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if len(request.prompt_ids) + request.max_tokens > self.max_model_len:
+            raise ValueError(f"{len(request.prompt_ids)} prompt tokens + max_tokens="
+                             f"{request.max_tokens} exceed max_model_len={self.max_model_len}")
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request, waiting or running (its rows are freed now); whether it was here."""
+        before = len(self.waiting)
+        self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
+        rows = [i for i, row in self.running.items() if row.request.request_id == request_id]
+        for i in rows:
+            self._retire(i)
+        return bool(rows) or len(self.waiting) < before
+
+    def step(self) -> list[Event]:
+        """Admit what fits, decode one token for every running row, retire finished rows."""
+        with torch.inference_mode():
+            events = self._admit()
+            if self.running:
+                events += self._decode()
+        return events
+
+    # --- the three parts ------------------------------------------------------------------
+
+    def _admit(self) -> list[Event]:
+        events: list[Event] = []
+        free = self.cache.free_rows()
+        while self.waiting and len(free) >= self.waiting[0].n:
+            request = self.waiting.popleft()
+            rows, free = free[:request.n], free[request.n:]
+            try:
+                events += self._prefill(request, rows)
+            except Exception as exc:  # this request fails; the others go on
+                logger.exception("prefill of request %s failed", request.request_id)
+                for i in rows:
+                    if i in self.running:
+                        self._retire(i)
+                events += [Event(request.request_id, k, finish_reason="error",
+                                 error=f"{type(exc).__name__}: {exc}")
+                           for k in range(request.n)]
+            free = self.cache.free_rows()
+        return events
+
+    def _prefill(self, request: Request, rows: list[int]) -> list[Event]:
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        small = KVCache.for_model(self.model.config, 1, ids.shape[1], dtype=self.cache.dtype,
+                                  device=self.device)
+        keep = 0 if request.prompt_logprobs else 1
+        logits = self.model(ids, cache=small, logits_to_keep=keep).logits[0]  # (T or 1, V)
+        scored = None
+        if request.prompt_logprobs:
+            scored = prompt_logprobs(logits, request.prompt_ids, request.logprobs or 0)
+        if request.max_tokens == 0:  # scoring only
+            return [Event(request.request_id, k, finish_reason="length",
+                          prompt_logprobs=scored if k == 0 else None)
+                    for k in range(request.n)]
+        events = []
+        for k, i in enumerate(rows):
+            row = _Row(request, k, self.tokenizer, self.device)
+            self.cache.admit(i, small)
+            self.running[i] = row
+            event = row.choose(logits[-1])
+            event.prompt_logprobs = scored if k == 0 else None
+            events.append(self._after(i, event))
+        return events
+
+    def _decode(self) -> list[Event]:
+        rows = self.cache.rows
+        pad = self.model.config.pad_token_id
+        tokens = torch.full((rows, 1), pad, dtype=torch.long)
+        for i, row in self.running.items():
+            tokens[i, 0] = row.history[-1]
+        positions, mask = self.cache.step_inputs(1)
+        span = positions.shape[0]
+        try:
+            hidden = self.model.model.decoder(tokens[:span].to(self.device), positions, mask,
+                                              self.cache)
+            logits = self.model.logits(hidden[:, -1])  # (span, V)
+        except Exception as exc:  # the whole batch failed: fail its rows, keep serving
+            logger.exception("decoding step failed")
+            events = [Event(row.request.request_id, row.index, finish_reason="error",
+                            error=f"{type(exc).__name__}: {exc}")
+                      for row in self.running.values()]
+            for i in list(self.running):
+                self._retire(i)
+            return events
+        return [self._after(i, self.running[i].choose(logits[i])) for i in list(self.running)]
+
+    def _after(self, i: int, event: Event) -> Event:
+        if event.finish_reason is not None:
+            self._retire(i)
+        return event
+
+    def _retire(self, i: int) -> None:
+        self.cache.retire(i)
+        del self.running[i]
