@@ -126,3 +126,15 @@ class NonFiniteLogitsError(FlagOptError, FloatingPointError):
 
 class TokenizerError(FlagOptError, ValueError):
     """Tokenizer files are malformed, or a tokenizer call got an invalid argument."""
+
+
+# --- scoring and evaluation -------------------------------------------------------------------
+
+
+class ScoringError(FlagOptError, ValueError):
+    """A scoring request cannot be scored: an empty continuation, one longer than the model's
+    window, a text with nothing to score, or a file that is not UTF-8 text."""
+
+
+class UnknownEvalTaskError(UnknownTaskError):
+    """An lm-evaluation-harness task name that lm-eval does not know."""
