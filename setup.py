@@ -30,6 +30,10 @@ setup(
         # transformers is the reference implementation the tests compare against; the
         # library itself never imports it.
         "test": ["pytest>=7", "transformers>=4.56"],
+        # `flagopt eval` and flagopt.eval.harness. Not in "test": a fresh install pulls ~60
+        # packages (datasets, pyarrow, pandas, scipy, scikit-learn, nltk ...) in ~2 minutes;
+        # tests/test_lm_eval.py skips without it.
+        "eval": ["lm-eval>=0.4.9"],
     },
     entry_points={
         "console_scripts": [

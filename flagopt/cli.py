@@ -3,6 +3,8 @@
 
     flagopt generate --model opt-125m-en "The trophy doesn't fit in the suitcase because"
     echo "Paris is the capital of" | flagopt generate --model opt-125m-en --beam-size 4
+    flagopt perplexity --model opt-125m-en --stride 512 wiki.test.txt
+    flagopt eval --model opt-125m-en --tasks lambada_openai,piqa --output results.json
 
 With no PROMPT, every line of standard input is one prompt and its continuation is one line of
 output, so the command fits in a shell pipeline.
@@ -57,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bars or notices")
     sub.add_parser("download", help="download models ahead of time (see flagopt-download -h)",
                    add_help=False)
+    from flagopt.eval.commands import add_parsers as add_scoring_parsers
+
+    add_scoring_parsers(sub)  # perplexity, eval
     return parser
 
 
@@ -126,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                         format="flagopt: %(message)s")
     try:
+        if args.command != "generate":
+            from flagopt.eval.commands import RUNNERS
+
+            return RUNNERS[args.command](args)
         return _generate(args)
     except (FlagOptError, ValueError, TypeError, OSError) as exc:
         print(f"flagopt: error: {exc}", file=sys.stderr)

@@ -138,3 +138,7 @@ class ScoringError(FlagOptError, ValueError):
 
 class UnknownEvalTaskError(UnknownTaskError):
     """An lm-evaluation-harness task name that lm-eval does not know."""
+
+
+class MissingDependencyError(FlagOptError, ImportError):
+    """An optional dependency (an extra such as ``flagopt[eval]``) is not installed."""
