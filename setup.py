@@ -33,7 +33,7 @@ setup(
         # `flagopt eval` and flagopt.eval.harness. Not in "test": a fresh install pulls ~60
         # packages (datasets, pyarrow, pandas, scipy, scikit-learn, nltk ...) in ~2 minutes;
         # tests/test_lm_eval.py skips without it.
-        "eval": ["lm-eval>=0.4.9"],
+        "eval": ["lm-eval>=0.4.13,<0.5"],  # its hf model's tokenization, as matched here
     },
     entry_points={
         "console_scripts": [

@@ -8,6 +8,7 @@ and lm-eval's steps written out here (or the guide's loop, verbatim in spirit).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -300,3 +301,59 @@ def test_empty_texts_are_errors(predictor: Predictor) -> None:
         predictor.perplexity("", stride=16)
     with pytest.raises(ScoringError, match=r"texts\[1\] is empty"):
         predictor.score(["fine", ""])
+
+
+# --- flagopt perplexity -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(pair, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The transformers twin saved in the hub layout, with the real tokenizer files."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("tiny-opt")
+    pair[0].save_pretrained(directory)
+    for f in (Path(flagopt.__file__).parent / "data" / "opt-tokenizer").iterdir():
+        shutil.copy(f, directory / f.name)
+    return directory
+
+
+def test_cli_perplexity_prints_one_json_line(checkpoint: Path, predictor: Predictor,
+                                             tmp_path: Path, capsys) -> None:
+    from flagopt import cli
+
+    text = TEXT + "\n\n" + TEXT
+    path = tmp_path / "wiki.txt"
+    path.write_text(text, encoding="utf-8")
+    rc = cli.main(["perplexity", "--model", str(checkpoint), str(path), "--stride", "16",
+                   "--max-length", "32", "--batch-size", "2", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 1
+    got = json.loads(lines[0])
+    want = predictor.perplexity(text, stride=16, max_length=32).to_dict()
+    assert set(got) == set(want) and got["tokens"] == want["tokens"]
+    assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
+    assert (got["stride"], got["max_length"]) == (16, 32)
+    assert "perplexity" in captured.err  # the progress bar, on stderr
+
+
+def test_cli_perplexity_non_utf8_file_is_a_clear_error(checkpoint: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    from flagopt import cli
+
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    rc = cli.main(["perplexity", "--model", str(checkpoint), str(path), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"{path} is not UTF-8 text: byte 0xe9 at offset 3" in err
+    assert "Traceback" not in err
+
+
+def test_cli_perplexity_missing_file(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    from flagopt import cli
+
+    rc = cli.main(["perplexity", "--model", str(checkpoint), str(tmp_path / "nope.txt")])
+    assert rc == 1 and "nope.txt" in capsys.readouterr().err
