@@ -4,6 +4,8 @@
 
     flagopt generate --model opt-125m-en "The trophy doesn't fit in the suitcase because"
     echo "Paris is the capital of" | flagopt generate --model opt-125m-en --beam-size 4
+    flagopt perplexity --model opt-125m-en --stride 512 wiki.test.txt
+    flagopt eval --model opt-125m-en --tasks lambada_openai,piqa --output results.json
 
 With no PROMPT, every line of standard input is one prompt and its continuation is one line of
 output, so the command fits in a shell pipeline: in that mode a backslash in the continuation is
@@ -95,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("download", help="download models ahead of time (see flagopt-download -h)",
                    add_help=False)
     _add_serve_parser(sub)
+
+    from flagopt.eval.commands import add_parsers as add_scoring_parsers
+
+    add_scoring_parsers(sub)  # perplexity, eval
     return parser
 
 
@@ -288,7 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
                             format="flagopt: %(message)s")
-        return _serve(args) if args.command == "serve" else _generate(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command != "generate":
+            from flagopt.eval.commands import RUNNERS
+
+            return RUNNERS[args.command](args)
+        return _generate(args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:

@@ -137,3 +137,19 @@ class NonFiniteLogitsError(FlagOptError, FloatingPointError):
 
 class TokenizerError(FlagOptError, ValueError):
     """Tokenizer files are malformed, or a tokenizer call got an invalid argument."""
+
+
+# --- scoring and evaluation -------------------------------------------------------------------
+
+
+class ScoringError(FlagOptError, ValueError):
+    """A scoring request cannot be scored: an empty continuation, one longer than the model's
+    window, a text with nothing to score, or a file that is not UTF-8 text."""
+
+
+class UnknownEvalTaskError(UnknownTaskError):
+    """An lm-evaluation-harness task name that lm-eval does not know."""
+
+
+class MissingDependencyError(FlagOptError, ImportError):
+    """An optional dependency (an extra such as ``flagopt[eval]``) is not installed."""

@@ -12,7 +12,7 @@ truncated and why generation stopped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +20,14 @@ from torch import nn
 
 from flagopt.predictor.engine import GenerationResult, check_cache_dtype
 from flagopt.predictor.generation import drain, iter_generate
+from flagopt.predictor import scoring
 from flagopt.predictor.params import GenerationParams, check
+from flagopt.predictor.scoring import LogLikelihood, PerplexityResult, TextScore
 from flagopt.predictor.stopping import cut_at_stop
 from flagopt.predictor.strategies import STRATEGIES
 from flagopt.tokenizer import OPTTokenizer
+
+ProgressFn = Callable[[int, int], None]
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +197,68 @@ class Predictor:
                               cache_dtype=self.cache_dtype)
         yield from StopAwareStream(self.tokenizer, gen.stop).run(steps)
 
+    # --- scoring (flagopt/predictor/scoring.py) -----------------------------------------------
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], batch_size: int = 8, *,
+                      progress: ProgressFn | None = None) -> list[LogLikelihood]:
+        """Per ``(context, continuation)`` pair, lm-eval's ``(logprob, is_greedy)``: the sum
+        of the continuation tokens' log-probabilities given the context, and whether greedy
+        decoding would have produced exactly those tokens. Tokenized as lm-eval's ``hf``
+        model does (see ``flagopt.predictor.scoring``); a pair longer than the model's window
+        keeps its last ``window + 1`` tokens.
+
+        Args:
+            pairs: ``(context, continuation)`` string pairs; the context may be empty.
+            batch_size: windows per forward pass (grouped by length).
+            progress: called after each forward with (windows done, total windows).
+
+        Raises:
+            ScoringError: a continuation is empty or longer than the window.
+            TypeError, ValueError: ``pairs`` or ``batch_size`` is malformed.
+        """
+        return scoring.loglikelihood(self.model, self.tokenizer, _as_pairs(pairs),
+                                     _batch_size(batch_size), progress)
+
+    def score(self, text: str | Sequence[str], batch_size: int = 8, *,
+              progress: ProgressFn | None = None) -> TextScore | list[TextScore]:
+        """Log-probability of every token of each text, given ``</s>`` and the tokens before
+        it, and their sum; a text longer than the window is scored over disjoint windows.
+        One text gives a ``TextScore``, a list gives a list.
+
+        Raises:
+            ScoringError: a text is empty.
+        """
+        out = scoring.score_texts(self.model, self.tokenizer, _as_texts(text),
+                                  _batch_size(batch_size), progress)
+        return out[0] if isinstance(text, str) else out
+
+    def perplexity(self, text: str, stride: int = 512, max_length: int | None = None,
+                   batch_size: int = 8, *, progress: ProgressFn | None = None
+                   ) -> PerplexityResult:
+        """Sliding-window perplexity, exactly as transformers' perplexity guide computes it:
+        windows of ``max_length`` tokens moving by ``stride``, each scoring only the tokens
+        the previous one did not, window losses weighted as the guide does. The text gets one
+        ``</s>`` in front (as ``tokenizer(text)`` in the guide); it is context, never scored.
+
+        Args:
+            text: the whole text (e.g. a test set joined with ``"\\n\\n"``).
+            stride: tokens each window moves, 1..max_length.
+            max_length: window length, 2..max_position_embeddings (None: the latter).
+            batch_size: windows per forward pass.
+
+        Raises:
+            ScoringError: the text is empty.
+            TypeError, ValueError: a bad ``stride``/``max_length``/``batch_size``.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        window = scoring.window_of(self.model)
+        max_length = window if max_length is None else _int_in("max_length", max_length, 2,
+                                                                window)
+        stride = _int_in("stride", stride, 1, max_length)
+        return scoring.perplexity(self.model, self.tokenizer, text, stride, max_length,
+                                  _batch_size(batch_size), progress)
+
     # --- helpers -----------------------------------------------------------------------------
 
     def _texts(self, text: str | Sequence[str], input_max_length: int, kwargs: dict,
@@ -324,6 +390,30 @@ def _as_texts(text: str | Sequence[str]) -> list[str]:
         return list(text)
     raise TypeError("text must be a string or a non-empty list of strings, got "
                     f"{type(text).__name__} {text!r:.80}")
+
+
+def _as_pairs(pairs: object) -> list[tuple[str, str]]:
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or not pairs:
+        raise TypeError(f"pairs must be a non-empty list of (context, continuation) string "
+                        f"pairs, got {type(pairs).__name__} {pairs!r:.80}")
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2
+                and all(isinstance(p, str) for p in pair)):
+            raise TypeError(f"pairs[{i}] must be a (context, continuation) pair of strings, "
+                            f"got {pair!r:.80}")
+    return [(c, x) for c, x in pairs]
+
+
+def _int_in(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value} is out of range; expected {low}..{high}")
+    return value
+
+
+def _batch_size(value: object) -> int:
+    return _int_in("batch_size", value, 1, 1 << 20)
 
 
 def _params(params: dict, names: dict[str, str] | None = None) -> GenerationParams:
