@@ -51,34 +51,23 @@ class Cache(Protocol):
         ...
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated to ``capacity`` positions; a ``Cache``.
+class KVBuffers:
+    """The preallocated key and value tensors both caches hold,
+    ``(layers, rows, heads, capacity, head_dim)`` each, and what can be read off them."""
 
-    ``dtype`` is the storage dtype; keys and values are converted to it when written.
-    API: ``update`` (write one layer's new keys/values, get the filled prefix back),
-    ``advance`` (count the positions a forward pass added), ``reset``, ``reorder`` (beam
-    search: gather rows by index, in place) and ``copy_rows_from`` (copy each prompt's cache
-    into N consecutive rows).
-    """
-
-    def __init__(self, num_layers: int, batch_size: int, num_heads: int, capacity: int,
+    def __init__(self, num_layers: int, rows: int, num_heads: int, capacity: int,
                  head_dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
-        shape = (num_layers, batch_size, num_heads, capacity, head_dim)
+        shape = (num_layers, rows, num_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
 
     @classmethod
-    def for_model(cls, config: OPTConfig, batch_size: int, capacity: int, *,
-                  dtype: torch.dtype, device: torch.device | str) -> "KVCache":
-        """A cache shaped for ``config`` holding ``capacity`` positions per row."""
-        return cls(config.num_hidden_layers, batch_size, config.num_attention_heads, capacity,
+    def for_model(cls, config: OPTConfig, rows: int, capacity: int, *,
+                  dtype: torch.dtype, device: torch.device | str) -> "KVBuffers":
+        """Buffers shaped for ``config``: ``rows`` sequences of up to ``capacity`` positions."""
+        return cls(config.num_hidden_layers, rows, config.num_attention_heads, capacity,
                    config.head_dim, dtype=dtype, device=device)
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
 
     @property
     def capacity(self) -> int:
@@ -91,6 +80,28 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.k.device
+
+
+class KVCache(KVBuffers):
+    """Keys and values of every layer, preallocated to ``capacity`` positions; a ``Cache``.
+
+    ``dtype`` is the storage dtype; keys and values are converted to it when written.
+    API: ``update`` (write one layer's new keys/values, get the filled prefix back),
+    ``advance`` (count the positions a forward pass added), ``reset``, ``reorder`` (beam
+    search: gather rows by index, in place) and ``copy_rows_from`` (copy each prompt's cache
+    into N consecutive rows).
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, capacity: int,
+                 head_dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(num_layers, batch_size, num_heads, capacity, head_dim, dtype=dtype,
+                         device=device)
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +186,7 @@ class StaticCacheView:
         """Nothing to count here: the owner moves the slot between steps."""
 
 
-class RowCache:
+class RowCache(KVBuffers):
     """A ``Cache`` whose rows each hold one sequence of its own length (continuous batching).
 
     Buffers ``(layers, rows, heads, capacity, head_dim)`` as in ``KVCache``; ``lengths`` (rows,)
@@ -189,35 +200,15 @@ class RowCache:
     def __init__(self, num_layers: int, rows: int, num_heads: int, capacity: int,
                  head_dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
-        shape = (num_layers, rows, num_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        super().__init__(num_layers, rows, num_heads, capacity, head_dim, dtype=dtype,
+                         device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.active = torch.zeros(rows, dtype=torch.bool, device=device)
         self._span_rows, self._span = rows, capacity
 
-    @classmethod
-    def for_model(cls, config: OPTConfig, rows: int, capacity: int, *,
-                  dtype: torch.dtype, device: torch.device | str) -> "RowCache":
-        """A cache shaped for ``config``: ``rows`` sequences of up to ``capacity`` positions."""
-        return cls(config.num_hidden_layers, rows, config.num_attention_heads, capacity,
-                   config.head_dim, dtype=dtype, device=device)
-
     @property
     def rows(self) -> int:
         return self.k.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
 
     def free_rows(self) -> list[int]:
         """Indices of the rows holding no sequence, lowest first (admit there first)."""
