@@ -29,10 +29,12 @@ setup(
     extras_require={
         # transformers is the reference implementation the tests compare against; the
         # library itself never imports it.
-        # lm-eval[hf] is there so that tests/test_lm_eval.py compares with lm-eval's own hf model
-        # in CI; it is heavy (~60 packages), so users get it only with the eval extra.
+        # lm-eval[hf,api] is there so that tests/test_lm_eval.py compares with lm-eval's own hf
+        # model and tests/test_lm_eval_serve.py drives flagopt serve with its
+        # local-completions model in CI; it is heavy (~60 packages), so users get it only
+        # with the eval extra.
         "test": ["pytest>=7", "transformers>=4.56", "fastapi>=0.110", "uvicorn>=0.29",
-                 "openai>=1.30", "httpx>=0.27", "lm-eval[hf]>=0.4.13,<0.5"],
+                 "openai>=1.30", "httpx>=0.27", "lm-eval[hf,api]>=0.4.13,<0.5"],
         # `flagopt serve`: the HTTP layer (flagopt.serve.app); the core install needs neither.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         # `flagopt eval` and flagopt.eval.harness: its hf model's tokenization, as matched here.

@@ -246,6 +246,20 @@ def test_score_windows_keeps_order_and_batching_changes_nothing(predictor: Predi
         assert torch.equal(a.greedy, b.greedy)
 
 
+def test_score_windows_top_k_is_the_models_own(pair, predictor: Predictor) -> None:
+    hf, _ = pair
+    ids = list(range(5, 25))
+    score, = score_windows(predictor.model, [Window(tuple(ids), 12)], top=3)
+    assert score_windows(predictor.model, [Window(tuple(ids), 12)])[0].top_ids is None
+    want = _hf_logprobs(hf, ids)[len(ids) - 13:len(ids) - 1]  # positions predicting the last 12
+    values, indices = want.topk(3, dim=-1)
+    assert score.top_ids.shape == (12, 3) and torch.equal(score.top_ids, indices)
+    torch.testing.assert_close(score.top_logprobs, values, atol=1e-4, rtol=0)
+    assert torch.equal(score.greedy, score.top_ids[:, 0] == torch.tensor(ids[-12:]))
+    with pytest.raises(ValueError, match="top=-1"):
+        score_windows(predictor.model, [Window(tuple(ids), 12)], top=-1)
+
+
 def test_progress_reports_every_window(predictor: Predictor) -> None:
     seen = []
     predictor.loglikelihood(PAIRS, batch_size=3, progress=lambda n, total: seen.append((n, total)))

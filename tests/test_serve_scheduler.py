@@ -175,6 +175,29 @@ def test_max_tokens_0_scores_the_prompt_only(model, tok) -> None:
     assert scheduler.cache.free_rows() == list(range(16))
 
 
+def test_prompt_logprobs_come_from_the_scoring_core(model, tok, monkeypatch) -> None:
+    """echo + logprobs is scored by ``scoring.score_windows`` (the function Predictor and the
+    lm-eval model use), one window over the prompt, with the top alternatives asked for."""
+    from flagopt.predictor import scoring
+    from flagopt.serve import scheduler as module
+
+    calls = []
+
+    def spy(model_, windows, *args, **kwargs):
+        calls.append((list(windows), kwargs.get("top")))
+        return scoring.score_windows(model_, windows, *args, **kwargs)
+
+    monkeypatch.setattr(module, "score_windows", spy)
+    ids = tok.encode_prompt("the cat sat on")
+    out = _run(Scheduler(model, tok), [_request(tok, "a", "the cat sat on", 2, logprobs=2,
+                                                prompt_logprobs=True)])
+    assert calls == [([scoring.Window(tuple(ids), len(ids) - 1)], 2)]
+    want = scoring.score_windows(model, [scoring.Window(tuple(ids), len(ids) - 1)], top=2)[0]
+    scored = out[("a", 0)][0].prompt_logprobs
+    assert [e.logprob for e in scored[1:]] == want.logprobs.tolist()
+    assert [list(e.top) for e in scored[1:]] == want.top_ids.tolist()
+
+
 def test_a_failing_prefill_fails_its_request_only(model, tok, monkeypatch) -> None:
     scheduler = Scheduler(model, tok, max_batch_size=4)
     scheduler.add(_request(tok, "ok", "the cat", 5))

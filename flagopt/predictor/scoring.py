@@ -53,10 +53,13 @@ class Window:
 
 @dataclass
 class WindowScore:
-    """Per scored token: its log-probability (float32) and whether it was the argmax."""
+    """Per scored token: its log-probability (float32), whether it was the argmax, and
+    (when asked for) the ``top`` most likely tokens at its position."""
 
     logprobs: torch.Tensor  # (scored,) float32, on the CPU
     greedy: torch.Tensor  # (scored,) bool
+    top_ids: torch.Tensor | None = None  # (scored, top) int64, most likely first
+    top_logprobs: torch.Tensor | None = None  # (scored, top) float32
 
     @property
     def logprob(self) -> float:
@@ -132,8 +135,8 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, window: int) -> li
 
 
 def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int = 8,
-                  pad_token_id: int = 1, progress: Callable[[int, int], None] | None = None
-                  ) -> list[WindowScore]:
+                  pad_token_id: int = 1, progress: Callable[[int, int], None] | None = None,
+                  top: int = 0) -> list[WindowScore]:
     """Log-probabilities of each window's scored tokens, in the order given.
 
     Args:
@@ -142,11 +145,16 @@ def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int =
         batch_size: windows per forward, grouped by length (longest first).
         pad_token_id: the id right padding uses (it is masked out).
         progress: called after each batch with (windows it held, total windows).
+        top: also return the ``top`` most likely tokens at each scored position (the
+            server's ``logprobs``); 0 returns none.
 
     Raises:
-        ValueError: a window is longer than the model's window + 1 or scores nothing.
+        ValueError: a window is longer than the model's window + 1 or scores nothing, or
+            ``top`` is negative.
     """
     limit = window_of(model)
+    if top < 0:
+        raise ValueError(f"top={top}; expected >= 0")
     for i, w in enumerate(windows):
         if not 1 <= w.scored < len(w.tokens) or len(w.tokens) > limit + 1:
             raise ValueError(f"window {i} has {len(w.tokens)} tokens scoring {w.scored}; "
@@ -157,7 +165,8 @@ def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int =
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            scores = _score_batch(model, [windows[i] for i in batch], pad_token_id, device)
+            scores = _score_batch(model, [windows[i] for i in batch], pad_token_id, device,
+                                  top)
             for i, score in zip(batch, scores):
                 results[i] = score
             if progress is not None:
@@ -166,7 +175,7 @@ def score_windows(model: nn.Module, windows: Sequence[Window], batch_size: int =
 
 
 def _score_batch(model: nn.Module, windows: list[Window], pad_token_id: int,
-                 device: torch.device) -> list[WindowScore]:
+                 device: torch.device, top: int = 0) -> list[WindowScore]:
     width = max(len(w.tokens) for w in windows) - 1
     input_ids = torch.full((len(windows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(windows), width), dtype=torch.long)
@@ -181,15 +190,24 @@ def _score_batch(model: nn.Module, windows: list[Window], pad_token_id: int,
     hidden = model.last_hidden_state(input_ids.to(device), mask.to(device))  # (B, T, D)
     picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
     target = torch.tensor(targets, device=device)
-    logprobs, greedy = [], []
+    logprobs, greedy, top_ids, top_lps = [], [], [], []
     for s in range(0, picked.shape[0], _LOGIT_ROWS):  # (N, D) -> (N, vocab) in chunks
         logp = torch.log_softmax(model.logits(picked[s:s + _LOGIT_ROWS]).float(), dim=-1)
         t = target[s:s + _LOGIT_ROWS]
         logprobs.append(logp.gather(-1, t[:, None])[:, 0])
         greedy.append(logp.argmax(-1) == t)
-    flat_lp, flat_g = torch.cat(logprobs).cpu(), torch.cat(greedy).cpu()
+        if top:
+            values, ids = logp.topk(top, dim=-1)  # (n, top)
+            top_lps.append(values)
+            top_ids.append(ids)
     sizes = [w.scored for w in windows]
-    return [WindowScore(lp, g) for lp, g in zip(flat_lp.split(sizes), flat_g.split(sizes))]
+    flat_lp = torch.cat(logprobs).cpu().split(sizes)
+    flat_g = torch.cat(greedy).cpu().split(sizes)
+    if not top:
+        return [WindowScore(lp, g) for lp, g in zip(flat_lp, flat_g)]
+    flat_ids = torch.cat(top_ids).cpu().split(sizes)
+    flat_top = torch.cat(top_lps).cpu().split(sizes)
+    return [WindowScore(*parts) for parts in zip(flat_lp, flat_g, flat_ids, flat_top)]
 
 
 # --- perplexity, as transformers' perplexity guide ----------------------------------------------

@@ -220,11 +220,20 @@ class Service:
     def logprobs_json(self, entries: list[TokenLogprob], offsets: list[int]) -> dict:
         return {"tokens": [self.token_text(e.token_id) for e in entries],
                 "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [None if e.logprob is None else
-                                 {self.token_text(t): v for t, v in
-                                  {**e.top, e.token_id: e.logprob}.items()}
+                "top_logprobs": [None if e.logprob is None else self.top_json(e)
                                  for e in entries],
                 "text_offset": offsets}
+
+    def top_json(self, entry: TokenLogprob) -> dict[str, float]:
+        """``entry``'s alternatives and itself, by token text. Two ids with one text (byte
+        tokens that decode to U+FFFD) keep the larger value, so ``token_logprob ==
+        max(top_logprobs)`` stays true exactly when the token was the argmax (lm-eval's
+        ``is_greedy`` test)."""
+        out: dict[str, float] = {}
+        for token_id, value in {**entry.top, entry.token_id: entry.logprob}.items():
+            text = self.token_text(token_id)
+            out[text] = max(value, out.get(text, value))
+        return out
 
     def echo_logprobs(self, prompt: list[TokenLogprob], text: str) -> tuple[list, list[int]]:
         """The prompt's entries and their offsets in the echoed ``text``."""

@@ -45,7 +45,7 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: str | None = None  # as vLLM: left out or null (lm-eval) is the served model
     prompt: Prompt
     max_tokens: int | None = None
     temperature: float | None = None

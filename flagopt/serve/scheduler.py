@@ -14,7 +14,9 @@ Every row chooses its tokens with its own processors (``build_logits_processors`
 ``torch.Generator`` and its own stop rules (``EosCriterion``, ``StopAwareStream`` around
 ``cut_at_stop``), so a request's output does not depend on what else is running: greedy
 rows give ``Predictor``'s text for the same prompt. Log-probabilities reported are the
-model's own (``log_softmax`` of the raw logits), before any processor.
+model's own (``log_softmax`` of the raw logits), before any processor; a prompt's (``echo``
+with ``logprobs``) come from the scoring core (``flagopt.predictor.scoring``), the one that
+``Predictor.loglikelihood`` and the lm-eval model use, so scores through HTTP equal theirs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.predictor import StopAwareStream
 from flagopt.predictor.processors import LogitsProcessor, apply_processors, \
     build_logits_processors, sample
+from flagopt.predictor.scoring import Window, score_windows
 from flagopt.predictor.stopping import EosCriterion
 from flagopt.tokenizer import OPTTokenizer
 
@@ -160,21 +163,30 @@ def _logprob_of(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), best)
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt_ids: Sequence[int], top: int
+def prompt_logprobs(model: nn.Module, prompt_ids: Sequence[int], top: int
                     ) -> list[TokenLogprob]:
-    """The model's log-probability of each prompt token given the ones before it.
+    """The model's log-probability of each prompt token given the ones before it, from the
+    scoring core (one window scoring every token but the first).
 
     Args:
-        logits: (T, V) the prompt's logits, position t predicting token t + 1.
-        prompt_ids: the T prompt tokens.
+        model: the served ``OPTForCausalLM``.
+        prompt_ids: the T prompt tokens (at most the model's window).
         top: alternatives to report per position.
     Returns:
         T entries, the first with ``logprob`` None (nothing predicts it).
     """
-    logprobs = logits.float().log_softmax(-1)  # (T, V)
-    out = [TokenLogprob(int(prompt_ids[0]), None)]
-    for t in range(1, len(prompt_ids)):
-        out.append(_logprob_of(logprobs[t - 1], int(prompt_ids[t]), top))
+    ids = [int(i) for i in prompt_ids]
+    out = [TokenLogprob(ids[0], None)]
+    if len(ids) < 2:
+        return out
+    score = score_windows(model, [Window(tuple(ids), len(ids) - 1)], batch_size=1,
+                          pad_token_id=model.config.pad_token_id, top=top)[0]
+    best: list[dict[int, float]] = [{} for _ in ids[1:]]
+    if top:
+        best = [dict(zip(i, v)) for i, v in zip(score.top_ids.tolist(),
+                                                score.top_logprobs.tolist())]
+    for token, logprob, alternatives in zip(ids[1:], score.logprobs.tolist(), best):
+        out.append(TokenLogprob(token, logprob, alternatives))
     return out
 
 
@@ -290,18 +302,17 @@ class Scheduler:
         return events
 
     def _prefill(self, request: Request, rows: list[int]) -> list[Event]:
-        ids = torch.tensor([request.prompt_ids], device=self.device)
-        small = KVCache.for_model(self.model.config, 1, ids.shape[1], dtype=self.cache.dtype,
-                                  device=self.device)
-        keep = 0 if request.prompt_logprobs else 1
-        logits = self.model(ids, cache=small, logits_to_keep=keep).logits[0]  # (T or 1, V)
         scored = None
-        if request.prompt_logprobs:
-            scored = prompt_logprobs(logits, request.prompt_ids, request.logprobs or 0)
+        if request.prompt_logprobs:  # the scoring core's forward, not the cached one's
+            scored = prompt_logprobs(self.model, request.prompt_ids, request.logprobs or 0)
         if request.max_tokens == 0:  # scoring only
             return [Event(request.request_id, k, finish_reason="length",
                           prompt_logprobs=scored if k == 0 else None)
                     for k in range(request.n)]
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        small = KVCache.for_model(self.model.config, 1, ids.shape[1], dtype=self.cache.dtype,
+                                  device=self.device)
+        logits = self.model(ids, cache=small, logits_to_keep=1).logits[0]  # (1, V)
         events = []
         for k, i in enumerate(rows):
             row = _Row(request, k, self.tokenizer, self.device)
