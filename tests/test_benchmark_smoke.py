@@ -102,3 +102,65 @@ def test_flagopt_engine_keeps_a_float32_cache_for_half_precision_on_cpu(dtype, c
     engine = _engines_module().FlagoptEngine(dict(device="cpu", compute_dtype=dtype))
     assert engine.gen_kwargs.get("cache_dtype") == (None if cache is None else
                                                     getattr(torch, cache))
+
+
+# ---- benchmarks/serve_bench.py ----------------------------------------------------------------
+
+SERVE_BENCH = ROOT / "benchmarks" / "serve_bench.py"
+SUMMARY = ("requests", "generated_tokens", "span_s", "throughput_tok_s", "ttft_p50_s",
+           "ttft_p99_s", "latency_p50_s", "latency_p99_s")
+
+
+def _serve_bench_module():
+    spec = importlib.util.spec_from_file_location("serve_bench", SERVE_BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_bench_trace_is_seeded_and_within_its_bounds():
+    sb = _serve_bench_module()
+    trace = sb.make_trace(50, 4.0, (3, 9), (2, 7), seed=1)
+    assert trace == sb.make_trace(50, 4.0, (3, 9), (2, 7), seed=1)
+    assert trace != sb.make_trace(50, 4.0, (3, 9), (2, 7), seed=2)
+    arrivals = [r["arrival_s"] for r in trace]
+    assert arrivals[0] == 0.0 and arrivals == sorted(arrivals)
+    assert all(3 <= len(r["prompt"]) <= 9 and r["prompt"][0] == 2 for r in trace)
+    assert all(2 <= r["max_tokens"] <= 7 for r in trace)
+    assert sb.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert sb.percentile([5.0], 99) == 5.0
+
+
+def test_serve_bench_reports_all_three_engines_on_a_tiny_model(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SERVE_BENCH), "--model", "tiny", "--requests", "5",
+           "--rate", "50", "--prompt-len", "3,12", "--output-len", "2,6", "--batch-size", "2",
+           "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [json_file] = out.glob("serve-bench-*.json")
+    doc = json.loads(json_file.read_text())
+    sb = _serve_bench_module()
+    trace = sb.make_trace(5, 50.0, (3, 12), (2, 6), seed=0)
+    assert doc["trace"]["requests"] == 5
+    assert doc["trace"]["output_tokens"] == sum(r["max_tokens"] for r in trace)
+    assert set(doc["results"]) == {"flagopt-serve", "transformers", "flagopt-static"}
+    for engine, result in doc["results"].items():
+        assert result["status"] == "ok", (engine, result)
+        assert sorted(r["id"] for r in result["records"]) == list(range(5))
+        assert all(v is not None for v in (result["summary"][k] for k in SUMMARY)), engine
+        assert result["summary"]["generated_tokens"] == doc["trace"]["output_tokens"]
+        for r, q in zip(sorted(result["records"], key=lambda r: r["id"]), trace):
+            assert q["arrival_s"] <= r["first_s"] <= r["done_s"], (engine, r, q)
+    # A static group starts only once its last member has arrived.
+    static = sorted(doc["results"]["flagopt-static"]["records"], key=lambda r: r["id"])
+    for start in range(0, 5, 2):
+        group = trace[start:start + 2]
+        assert all(static[q["id"]]["first_s"] >= group[-1]["arrival_s"] for q in group)
+    assert set(doc["ratios"]) == {"transformers", "flagopt-static"}
+    assert doc["machine"]["cpu"] and doc["command"]
+    assert "| flagopt-serve |" in proc.stdout and "| flagopt-static |" in proc.stdout
+    assert "TTFT p99 ms" in proc.stdout
