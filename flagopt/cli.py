@@ -317,8 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_line(exc: BaseException) -> str:
     """The error's message on one line; its type too when it is not one of ours or a
     builtin users expect (ValueError, TypeError, OSError)."""
-    from flagopt.errors import FlagOptError
-
     text = " / ".join(part.strip() for part in str(exc).splitlines() if part.strip())
     plain = isinstance(exc, (UsageError, FlagOptError, ValueError, TypeError, OSError)) \
         and not isinstance(exc, UnicodeError)

@@ -8,15 +8,13 @@ covering the four request types. Skipped when lm-eval (the ``eval`` extra) is no
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-import flagopt
 from flagopt.errors import ScoringError, UnknownEvalTaskError
-from tests.conftest import reference_pair, tiny_config
+from tests.lm_eval_fixtures import write_checkpoint, write_tasks
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("lm_eval.models.huggingface")
@@ -26,7 +24,6 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from flagopt import cli  # noqa: E402
 from flagopt.eval.harness import FlagOptLM, check_tasks  # noqa: E402
 
-TOKENIZER_DIR = Path(flagopt.__file__).parent / "data" / "opt-tokenizer"
 WINDOW = 64
 LONG = ("The tower is 324 metres tall, about the same height as an 81-storey building, and "
         "the tallest structure in Paris. Its base is square, measuring 125 metres on each "
@@ -66,33 +63,15 @@ DOCS = {"tiny_choice": CHOICE_DOCS, "tiny_cloze": CLOZE_DOCS, "tiny_rolling": RO
         "tiny_gen": GEN_DOCS}
 
 
-def _yaml(value) -> str:
-    return json.dumps(value)  # JSON is YAML
-
-
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tasks")
-    for name, spec in TASKS.items():
-        data = root / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(d) + "\n" for d in DOCS[name]), encoding="utf-8")
-        lines = [f"task: {name}", "dataset_path: json",
-                 f"dataset_kwargs: {_yaml({'data_files': {'test': str(data)}})}",
-                 "test_split: test"]
-        lines += [f"{key}: {_yaml(value)}" for key, value in spec.items()]
-        (root / f"{name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
+    return write_tasks(tmp_path_factory.mktemp("tasks"), TASKS, DOCS)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random OPT in the hub layout, with the real tokenizer files."""
-    hf, _ = reference_pair(tiny_config(vocab_size=50272, max_position_embeddings=WINDOW))
-    directory = tmp_path_factory.mktemp("tiny-opt")
-    hf.save_pretrained(directory)
-    for f in TOKENIZER_DIR.iterdir():
-        shutil.copy(f, directory / f.name)
-    return directory
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-opt"), WINDOW)
 
 
 @pytest.fixture(scope="module")

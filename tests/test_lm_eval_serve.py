@@ -9,18 +9,14 @@ compared with the in-process model fit in that; ``tiny_long`` checks a pair lm-e
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-import flagopt
 from flagopt.predictor import scoring
-from tests.conftest import reference_pair, tiny_config
+from tests.lm_eval_fixtures import write_checkpoint, write_tasks
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("lm_eval.models.openai_completions")
@@ -36,7 +32,6 @@ from flagopt.serve.server import serve_in_thread  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOKENIZER_DIR = Path(flagopt.__file__).parent / "data" / "opt-tokenizer"
 WINDOW = 128
 NAME = "tiny-opt"
 LONG = ("The tower is 324 metres tall, about the same height as an 81-storey building, and "
@@ -76,27 +71,13 @@ COMPARED = ("tiny_choice", "tiny_cloze", "tiny_rolling")
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tasks")
-    for name, spec in TASKS.items():
-        data = root / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(d) + "\n" for d in DOCS[name]), encoding="utf-8")
-        lines = [f"task: {name}", "dataset_path: json",
-                 f"dataset_kwargs: {json.dumps({'data_files': {'test': str(data)}})}",
-                 "test_split: test"]
-        lines += [f"{key}: {json.dumps(value)}" for key, value in spec.items()]  # JSON is YAML
-        (root / f"{name}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
+    return write_tasks(tmp_path_factory.mktemp("tasks"), TASKS, DOCS)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random OPT in the hub layout, with the real tokenizer files."""
-    hf, _ = reference_pair(tiny_config(vocab_size=50272, max_position_embeddings=WINDOW))
-    directory = tmp_path_factory.mktemp("tiny-opt")
-    hf.save_pretrained(directory)
-    for f in TOKENIZER_DIR.iterdir():
-        shutil.copy(f, directory / f.name)
-    return directory
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-opt"), WINDOW)
 
 
 @pytest.fixture(scope="module")

@@ -349,6 +349,7 @@ def test_cache_update_shapes_of_both_implementations() -> None:
     assert keys.shape == (2, 1, 2, 3)  # the filled prefix
     dynamic.advance(2)
     view = dynamic.static_view(torch.tensor([2]))
+    assert isinstance(view, StaticCacheView)
     k1 = torch.randn(2, 1, 1, 3)
     keys, values = view.update(0, k1, k1 + 1)
     assert keys.shape == (2, 1, 5, 3)  # the whole capacity: no shape depends on the step
