@@ -325,11 +325,11 @@ def check_cache_dtype(cache_dtype: torch.dtype | str | None) -> torch.dtype | No
     return cache_dtype
 
 
-def _cache_dtype(model: nn.Module, cache_dtype: torch.dtype | str | None) -> torch.dtype:
-    """``cache_dtype`` when given, else the model's float dtype (the reference's numerics)."""
-    chosen = check_cache_dtype(cache_dtype)
-    if chosen is not None:
-        return chosen
+def _cache_dtype(model: nn.Module, cache_dtype: torch.dtype | None) -> torch.dtype:
+    """``cache_dtype`` (already checked by the caller's boundary) when given, else the model's
+    float dtype (the reference's numerics)."""
+    if cache_dtype is not None:
+        return cache_dtype
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
