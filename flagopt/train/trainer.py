@@ -48,7 +48,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from flagopt import settings
-from flagopt.errors import (MissingWeightsError, NonFiniteLossError, TrainerConfigError)
+from flagopt.errors import (CheckpointSaveError, MissingWeightsError, NonFiniteLossError,
+                            TrainerConfigError)
 from flagopt.train.checkpoint import (TRAINABLE_FILE, load_checkpoint, resolve_checkpoint,
                                       save_checkpoint, save_tensors)
 from flagopt.train.schedule import SCHEDULES, lr_multiplier, warmup_steps
@@ -328,8 +329,11 @@ class Trainer:
             sampler = list(micro_batch_indices(len(dataset), self.batch_size, world_size,
                                                self.gradient_accumulation_steps, self.seed,
                                                epoch, rank, start, steps_per_epoch))
+            # Its own generator: a DataLoader iterator otherwise draws its workers' base seed
+            # from the global one, and dropout after a resume would differ.
             loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
-                                num_workers=self.num_workers)
+                                num_workers=self.num_workers,
+                                generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from loader
             epoch, start = epoch + 1, 0
 
@@ -345,7 +349,8 @@ class Trainer:
         chunks = [list(range(i, min(i + self.batch_size, len(dataset))))
                   for i in range(0, len(dataset), self.batch_size)]
         loader = DataLoader(dataset, batch_sampler=chunks[group.rank::group.world_size],
-                            collate_fn=collate_fn, num_workers=self.num_workers)
+                            collate_fn=collate_fn, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(self.seed))
         with torch.no_grad():
             for batch in loader:
                 batch = _to_device(batch, device)
@@ -381,7 +386,7 @@ class Trainer:
         if error is not None:
             raise error
         if failed.item():
-            raise TrainerConfigError(f"rank 0 could not write checkpoint {path}")
+            raise CheckpointSaveError(f"rank 0 could not write checkpoint {path}; see its error")
         return str(path)
 
     def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
