@@ -14,6 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from flagopt.errors import TrainerConfigError
 from flagopt.train.schedule import lr_multiplier, warmup_steps
+from flagopt import Trainer as PublicTrainer
 from flagopt.train.trainer import Trainer, count_targets, micro_batch_indices
 from tests.conftest import Env
 from tests.train_helpers import counting_dataset, tiny_lm, weights
@@ -237,3 +238,7 @@ def test_ddp_needs_the_launcher_environment(env: Env) -> None:
     env.setenv("WORLD_SIZE", "2")
     with pytest.raises(TrainerConfigError, match="RANK='zero'"):
         Trainer(env_type="pytorchDDP").train(tiny_lm(), counting_dataset(2))
+
+
+def test_trainer_is_flagopt_trainer() -> None:
+    assert PublicTrainer is Trainer
