@@ -14,8 +14,9 @@ from flagopt.model.decoder import OPTModel
 from flagopt.model.loading import load_pretrained
 from flagopt.predictor import GenerationParams, Predictor
 from flagopt.tokenizer import OPTTokenizer
+from flagopt.train.trainer import Trainer
 from flagopt.version import __version__
 
 __all__ = ["AutoLoader", "GenerationParams", "OPTConfig", "OPTForCausalLM",
            "OPTForQuestionAnswering", "OPTForSequenceClassification", "OPTModel",
-           "OPTTokenizer", "Predictor", "__version__", "load_pretrained"]
+           "OPTTokenizer", "Predictor", "Trainer", "__version__", "load_pretrained"]

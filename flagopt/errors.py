@@ -53,6 +53,11 @@ class ShapeMismatchError(CheckpointError):
     """A tensor's shape in the checkpoint differs from what the config implies."""
 
 
+class CheckpointSaveError(CheckpointError):
+    """A training checkpoint could not be written (a full disk, most often); the previous
+    checkpoint is left as it was and nothing half-written stays behind."""
+
+
 class UnsafePathError(FlagOptError, ValueError):
     """A file name (from a registry or an index) would escape its model directory."""
 
@@ -130,6 +135,22 @@ class UnsafeURLError(FlagOptError, ValueError):
 
 class NonFiniteLogitsError(FlagOptError, FloatingPointError):
     """The model produced NaN or infinite logits (often fp16 overflow)."""
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+class TrainerConfigError(FlagOptError, ValueError):
+    """A ``Trainer`` option has a bad value, or names a FlagAI feature flagopt does not have."""
+
+
+class NonFiniteLossError(FlagOptError, FloatingPointError):
+    """The training loss became NaN or infinite; ``step`` is the optimizer step it happened at
+    (the step is not taken and no checkpoint of the bad state is written)."""
+
+    def __init__(self, message: str, step: int = 0) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 # --- tokenizer --------------------------------------------------------------------------------

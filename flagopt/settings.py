@@ -12,7 +12,14 @@ over the environment (``endpoint=``, ``offline=``, ``token=``, ``model_dir=``, `
 ``FLAGOPT_DISABLE_PROGRESS`` ``1``: no progress bars
 ``FLAGOPT_SKIP_DISK_CHECK``  ``1``: skip the free-space check before a download
 ``HF_TOKEN``                 bearer token for the hub
+``RANK``                     this process's rank under ``torchrun`` (training, DDP)
+``WORLD_SIZE``               the number of processes under ``torchrun``
+``LOCAL_RANK``               this process's rank on its machine (picks its GPU)
 ===========================  ====================================================
+
+``torch.distributed``'s ``env://`` initialisation reads ``MASTER_ADDR`` / ``MASTER_PORT``
+itself; flagopt only reads the three rank variables, to know before that whether it runs
+under a launcher and which GPU is its own (the trainer parses them and names a bad one).
 
 Flags are on for ``1``, ``true``, ``yes`` or ``on`` (any case). Values are stored as given:
 the modules that use them validate them (a bad endpoint fails at the first download, not at
@@ -31,8 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_HOME", "ENDPOINT_ENV", "HOME_ENV", "OFFLINE_ENV", "REGISTRY_ENV",
-           "Settings", "get", "reload"]
+__all__ = ["DEFAULT_HOME", "ENDPOINT_ENV", "HOME_ENV", "LOCAL_RANK_ENV", "OFFLINE_ENV",
+           "RANK_ENV", "REGISTRY_ENV", "Settings", "WORLD_SIZE_ENV", "get", "reload"]
 
 ENDPOINT_ENV = "FLAGOPT_ENDPOINT"
 HOME_ENV = "FLAGOPT_HOME"
@@ -41,6 +48,9 @@ REGISTRY_ENV = "FLAGOPT_REGISTRY"
 DISABLE_PROGRESS_ENV = "FLAGOPT_DISABLE_PROGRESS"
 SKIP_DISK_CHECK_ENV = "FLAGOPT_SKIP_DISK_CHECK"
 TOKEN_ENV = "HF_TOKEN"
+RANK_ENV = "RANK"
+WORLD_SIZE_ENV = "WORLD_SIZE"
+LOCAL_RANK_ENV = "LOCAL_RANK"
 
 DEFAULT_HOME = "~/.cache/flagopt"
 
@@ -58,6 +68,9 @@ class Settings:
     disable_progress: bool = False
     skip_disk_check: bool = False
     token: str | None = None
+    rank: str | None = None
+    world_size: str | None = None
+    local_rank: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -69,7 +82,10 @@ class Settings:
                    registry_paths=tuple(p for p in registry.split(os.pathsep) if p.strip()),
                    disable_progress=_flag(environ, DISABLE_PROGRESS_ENV),
                    skip_disk_check=_flag(environ, SKIP_DISK_CHECK_ENV),
-                   token=environ.get(TOKEN_ENV) or None)
+                   token=environ.get(TOKEN_ENV) or None,
+                   rank=environ.get(RANK_ENV) or None,
+                   world_size=environ.get(WORLD_SIZE_ENV) or None,
+                   local_rank=environ.get(LOCAL_RANK_ENV) or None)
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:

@@ -45,3 +45,9 @@ def test_values_reach_their_users(env: Env, tmp_path: Path) -> None:
     assert hub.get_endpoint("https://arg.example") == "https://arg.example"  # argument wins
     with pytest.raises(ValueError, match="absent.json"):
         list_models()
+
+
+def test_rank_variables_are_read_as_given() -> None:
+    parsed = Settings.from_environ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert (parsed.rank, parsed.world_size, parsed.local_rank) == ("1", "2", "0")
+    assert Settings.from_environ({"RANK": ""}).rank is None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flagopt.model.cache import Cache, KVCache, StaticCacheView
 from flagopt.model.config import OPTConfig
@@ -227,6 +228,8 @@ class OPTDecoder(nn.Module):
             if config.has_final_layer_norm else None)
         self.layers = nn.ModuleList(
             [OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        # Training only: recompute each layer in backward instead of keeping its activations.
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 cache: Cache | None = None, *, is_causal: bool = False,
@@ -253,7 +256,10 @@ class OPTDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if drop > 0 and torch.rand(()) < drop:
                 continue
-            if trace is None:
+            if trace is None and self._checkpointing(cache):
+                x, _ = checkpoint(layer, x, mask, is_causal, cache, self.attn_implementation,
+                                  use_reentrant=False)
+            elif trace is None:
                 x, _ = layer(x, mask, is_causal, cache, self.attn_implementation)
             else:
                 x = trace.run(layer, i, x, mask, is_causal, cache, self.attn_implementation)
@@ -266,6 +272,13 @@ class OPTDecoder(nn.Module):
         if cache is not None:
             cache.advance(positions.shape[1])
         return x
+
+
+    def _checkpointing(self, cache: Cache | None) -> bool:
+        # Dropout masks are replayed on recompute (torch preserves the RNG state), so the
+        # numbers are those of the plain pass; a cache is never written twice.
+        return (self.gradient_checkpointing and self.training and cache is None
+                and torch.is_grad_enabled())
 
 
 def positions_from_mask(attention_mask: torch.Tensor, past: int) -> torch.Tensor:
