@@ -1,0 +1,1 @@
+"""Fine-tuning: task data (``data``), evaluation metrics (``metrics``), LoRA and the trainer."""
