@@ -125,6 +125,15 @@ def test_classification_string_labels_map_sorted(tmp_path: Path, tok: OPTTokeniz
     assert ds[0]["input_ids"] == tok.encode_prompt("great film")
 
 
+def test_jsonl_lines_split_on_newline_only(tmp_path: Path, tok: OPTTokenizer) -> None:
+    path = tmp_path / "t.jsonl"  # a raw U+2028 inside a string, a BOM, CRLF line ends
+    path.write_bytes("\ufeff{\"text\": \"a\u2028b\", \"label\": 1}\r\n"
+                     "{\"text\": \"c\", \"label\": 0}\r\n".encode())
+    ds = load_task_data("classification", path, tok)
+    assert [e["label"] for e in ds] == [1, 0]
+    assert ds[0]["input_ids"] == tok.encode_prompt("a\u2028b")
+
+
 def test_classification_int_labels_are_the_ids(tmp_path: Path, tok: OPTTokenizer) -> None:
     path = jsonl(tmp_path / "t.jsonl", {"text": "a", "label": 2}, {"text": "b", "label": 0})
     ds = load_task_data("classification", path, tok)

@@ -458,7 +458,7 @@ def _check_answers(context: str, texts: list[str], starts: list[int], path: Path
 def _read_utf8(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is no text
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataFormatError(f"{path}, line {line}: byte {e.start} is not UTF-8 ({e.reason}); "
@@ -468,7 +468,8 @@ def _read_utf8(path: Path) -> str:
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """``("line N", record)`` for each non-blank line; a file with none is an error."""
     any_record = False
-    for n, line in enumerate(_read_utf8(path).splitlines(), start=1):
+    # Split on "\n" alone: JSON strings may hold U+2028 and the like raw, which splitlines cuts.
+    for n, line in enumerate(_read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"line {n}"
