@@ -26,7 +26,7 @@ JSON path (JSON), and the field.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -442,7 +442,7 @@ def _start_field(value: object, field: str, path: Path, where: str, present: boo
 
 
 def _check_answers(context: str, texts: list[str], starts: list[int], path: Path, where: str,
-                   field_of: Any) -> None:
+                   field_of: Callable[[int], str]) -> None:
     for n, (text, start) in enumerate(zip(texts, starts)):
         found = context[start:start + len(text)] if start >= 0 else ""
         if found != text:
