@@ -174,3 +174,50 @@ class UnknownEvalTaskError(UnknownTaskError):
 
 class MissingDependencyError(FlagOptError, ImportError):
     """An optional dependency (an extra such as ``flagopt[eval]``) is not installed."""
+
+
+# --- fine-tuning data -------------------------------------------------------------------------
+
+
+class DataError(FlagOptError, ValueError):
+    """A training or evaluation data file cannot be used as it is.
+
+    ``path`` is the file, ``where`` the spot in it (``"line 3"`` for JSONL, a JSON path such as
+    ``"data[0].paragraphs[1].qas[2]"`` for JSON, ``""`` for the whole file) and ``field`` the
+    field at fault (``""`` when none); the message names all three.
+    """
+
+    def __init__(self, message: str, path: str = "", where: str = "", field: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.where = where
+        self.field = field
+
+
+class DataFormatError(DataError):
+    """A data file cannot be read at all: an unknown extension, JSON that does not parse,
+    bytes that are not UTF-8, or no records."""
+
+
+class MissingFieldError(DataError):
+    """A record lacks a field its task needs."""
+
+
+class FieldTypeError(DataError):
+    """A field (or a record) has the wrong JSON type, or lists of unequal length."""
+
+
+class EmptyFieldError(DataError):
+    """A text field (text, question, context, answer text) is empty or only whitespace."""
+
+
+class AnswerSpanError(DataError):
+    """A QA answer's ``answer_start`` does not point at its text in the context."""
+
+
+class UnknownLabelError(DataError):
+    """A classification label is not in the label mapping (the training set's)."""
+
+
+class CorpusTooShortError(DataError):
+    """A language-modelling corpus holds fewer tokens than one block."""

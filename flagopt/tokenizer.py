@@ -212,6 +212,22 @@ class OPTTokenizer:
             raise
         return [self.bos_token_id, *ids] if add_bos else ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text`` alone (as ``encode``) and each token's character span in ``text``.
+
+        A span is ``(start, end)`` into the ``str``, leading and trailing whitespace left out
+        unless the token is only whitespace (``"Hello world"`` -> ``[(0, 5), (6, 11)]``, as
+        Hugging Face's ``trim_offsets``). The byte tokens of one multi-byte character all span
+        that character.
+
+        Raises:
+            TypeError, TokenizerError: as ``encode``.
+        """
+        _check_text(text, "text")
+        _check_encodable(text, "text")
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [_trim_span(text, s, e) for s, e in encoding.offsets]
+
     def encode_prompt(self, text: str) -> list[int]:
         """The ids the model sees for a prompt: ``</s>`` (2) prepended, no EOS appended
         (``encode_prompt("Hello world") == [2, 31414, 232]``).
@@ -553,6 +569,14 @@ def _token_bytes_table(vocab: Mapping[str, int]) -> list[bytes]:
     for token, token_id in vocab.items():
         table[token_id] = _token_to_bytes(token)
     return table
+
+
+def _trim_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """``(start, end)`` without the whitespace at either side, unless that is all there is."""
+    piece = text[start:end]
+    if not piece.strip():
+        return start, end
+    return start + len(piece) - len(piece.lstrip()), end - len(piece) + len(piece.rstrip())
 
 
 # --- validating arguments ---------------------------------------------------------------------
