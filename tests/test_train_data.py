@@ -459,3 +459,17 @@ def test_error_qa_question_leaves_no_room(tmp_path: Path, tok: OPTTokenizer) -> 
     n = len(tok.encode(question))
     _raises(DataError, "qa", path, tok, "line 1", f"field 'question' takes {n} tokens",
             "max_length=16", max_length=16)
+
+
+def test_label_mapping_is_the_one_the_dataset_uses(tmp_path):
+    from flagopt.train.data import label_mapping
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n'
+                    '{"text": "fine", "label": "pos"}\n', encoding="utf-8")
+    mapping = label_mapping(path)
+    assert mapping == {"neg": 0, "pos": 1}
+    dataset = load_task_data("classification", path, OPTTokenizer.default())
+    assert dataset.label2id == mapping
+    with pytest.raises(DataFormatError, match="extension"):
+        label_mapping(tmp_path / "train.csv")

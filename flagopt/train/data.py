@@ -103,6 +103,26 @@ def load_task_data(task: str, path: str | Path, tokenizer: OPTTokenizer, *,
     return QADataset.from_file(path, tokenizer, length)
 
 
+def label_mapping(path: str | Path) -> dict[str, int]:
+    """The label -> id mapping a ``classification`` training file defines (as
+    ``load_task_data`` numbers them), read without tokenizing: the model's ``num_labels``
+    must be known before it is built.
+
+    Raises:
+        FileNotFoundError / DataError: as ``load_task_data``.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in EXTENSIONS["classification"]:
+        raise DataFormatError(f"{path}: unknown extension {path.suffix!r} for task "
+                              f"'classification'; expected one of "
+                              f"{', '.join(EXTENSIONS['classification'])}", str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"classification data file not found: {path}")
+    records = [(where, _text_field(r, "text", path, where), _label_field(r, path, where))
+               for where, r in _read_jsonl(path)]
+    return _label_mapping(records, path)
+
+
 def _check_length(name: str, value: object, max_positions: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_positions:
         raise ValueError(f"{name}={value!r}; expected an int in 1..{max_positions} "
