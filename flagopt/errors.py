@@ -153,3 +153,18 @@ class UnknownEvalTaskError(UnknownTaskError):
 
 class MissingDependencyError(FlagOptError, ImportError):
     """An optional dependency (an extra such as ``flagopt[eval]``) is not installed."""
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+class AdapterError(FlagOptError, ValueError):
+    """A LoRA configuration or adapter directory cannot be used as it is."""
+
+
+class UnsupportedAdapterOptionError(AdapterError):
+    """An adapter uses a PEFT option flagopt does not implement (named; never ignored)."""
+
+
+class AdapterMismatchError(AdapterError):
+    """An adapter's tensors do not fit the model: another size, layer count or head."""
