@@ -34,7 +34,8 @@ setup(
         # local-completions model in CI; it is heavy (~60 packages), so users get it only
         # with the eval extra.
         "test": ["pytest>=7", "transformers>=4.56", "fastapi>=0.110", "uvicorn>=0.29",
-                 "openai>=1.30", "httpx>=0.27", "lm-eval[hf,api]>=0.4.13,<0.5"],
+                 "openai>=1.30", "httpx>=0.27", "lm-eval[hf,api]>=0.4.13,<0.5",
+                 "peft>=0.21"],
         # `flagopt serve`: the HTTP layer (flagopt.serve.app); the core install needs neither.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         # `flagopt eval` and flagopt.eval.harness: its hf model's tokenization, as matched here.

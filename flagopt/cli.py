@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--dtype", help="float32, float16 or bfloat16")
     gen.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization")
+    gen.add_argument("--lora", metavar="DIR", help="a PEFT LoRA adapter directory, merged "
+                     "into the weights as they load")
     gen.add_argument("--compile", action="store_true",
                      help="compile the decoding step with torch.compile (CUDA graphs on GPU); "
                           "same output, faster after a one-time compilation")
@@ -130,6 +132,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     srv.add_argument("--dtype", help="float32, float16 or bfloat16")
     srv.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization")
+    srv.add_argument("--lora", metavar="DIR", help="a PEFT LoRA adapter directory, merged "
+                     "into the weights as they load")
     srv.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"),
                      help="KV cache dtype (default: the model's)")
     srv.add_argument("--endpoint", help="hub mirror (default $FLAGOPT_ENDPOINT or the hub)")
@@ -186,7 +190,8 @@ def _checked(args: argparse.Namespace) -> tuple[dict, dict]:
     if args.dtype is not None:
         resolve_dtype({"dtype": args.dtype}, device)
     options = {k: v for k, v in dict(dtype=args.dtype, quantize=args.quantize,
-                                     endpoint=args.endpoint).items() if v is not None}
+                                     endpoint=args.endpoint, lora_dir=args.lora).items()
+               if v is not None}
     options.update(model_dir=args.model_dir, device=device)
     if args.offline:
         options["offline"] = True
@@ -259,7 +264,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     template = read_chat_template(args.chat_template) if args.chat_template else None
     options = {k: v for k, v in dict(dtype=args.dtype, quantize=args.quantize,
-                                     endpoint=args.endpoint).items() if v is not None}
+                                     endpoint=args.endpoint, lora_dir=args.lora).items()
+               if v is not None}
     if args.offline:
         options["offline"] = True
     if args.quiet:

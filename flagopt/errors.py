@@ -221,3 +221,18 @@ class UnknownLabelError(DataError):
 
 class CorpusTooShortError(DataError):
     """A language-modelling corpus holds fewer tokens than one block."""
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+class AdapterError(FlagOptError, ValueError):
+    """A LoRA configuration or adapter directory cannot be used as it is."""
+
+
+class UnsupportedAdapterOptionError(AdapterError):
+    """An adapter uses a PEFT option flagopt does not implement (named; never ignored)."""
+
+
+class AdapterMismatchError(AdapterError):
+    """An adapter's tensors do not fit the model: another size, layer count or head."""

@@ -26,6 +26,7 @@ from flagopt import hub
 from flagopt.auto_model.fetch import FetchOptions, fetch_model
 from flagopt.auto_model.registry import ModelSpec, RegistrySource, resolve_model
 from flagopt.errors import UnknownTaskError
+from flagopt.model.adapters import LoadMerger, attach_adapter, read_adapter
 from flagopt.model.config import OPTConfig
 from flagopt.model.decoder import ATTENTION_IMPLEMENTATIONS
 from flagopt.model.heads import TASK_CLASSES
@@ -48,7 +49,7 @@ QUANTIZE_MODES = (None, "int8")
 IGNORED_KWARGS = ("use_cache", "checkpoint_activations")
 OPTION_KWARGS = ("dtype", "torch_dtype", "fp16", "num_labels", "class_num",
                  "attn_implementation", "quantize", "registry", "endpoint", "offline",
-                 "progress", "token")
+                 "progress", "token", "lora_dir", "adapter_dir", "merge")
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -62,6 +63,8 @@ class LoadOptions:
     attn_implementation: str = "sdpa"
     quantize: str | None = None
     registry: RegistrySource | None = None
+    lora_dir: Path | None = None
+    merge: bool = True
 
     @property
     def model_class(self) -> type[nn.Module]:
@@ -95,7 +98,9 @@ class AutoLoader:
             (``"sdpa"``/``"eager"``); ``quantize`` (``"int8"``: int8 weights,
             bf16 activations on CPU unless a dtype is given); ``registry`` (extra
             registry path or dict); hub options ``endpoint``, ``offline``, ``progress``,
-            ``token``. ``use_cache`` and ``checkpoint_activations`` are accepted and ignored.
+            ``token``; ``lora_dir`` (alias ``adapter_dir``): a PEFT LoRA adapter directory,
+            merged into the weights in float as they load (before int8 quantization) unless
+            ``merge=False``, which keeps ``LoRALinear`` layers beside the frozen base. ``use_cache`` and ``checkpoint_activations`` are accepted and ignored.
 
     Attributes:
         model, config, options, target (what ``model_name`` resolved to), spec (None for a
@@ -134,13 +139,20 @@ class AutoLoader:
         """Build the task model on the target device and dtype, loading the weights unless
         ``only_download_config``; ``quantize="int8"`` quantizes while loading."""
         opts = self.options
+        adapter = read_adapter(opts.lora_dir) if opts.lora_dir is not None else None
         if only_download_config:
-            return fresh_model(opts.model_class, self.config, dtype=opts.dtype,
-                               device=opts.device, attn_implementation=opts.attn_implementation)
-        return load_pretrained(self.local_dir, opts.model_class, dtype=opts.dtype,
-                               device=opts.device, config=self.config,
-                               attn_implementation=opts.attn_implementation, fresh_heads=True,
-                               quantize=opts.quantize)
+            model = fresh_model(opts.model_class, self.config, dtype=opts.dtype,
+                                device=opts.device, attn_implementation=opts.attn_implementation)
+            return model if adapter is None else attach_adapter(model, adapter, merge=opts.merge)
+        merger = LoadMerger(adapter, opts.model_class, self.config) \
+            if adapter is not None and opts.merge else None
+        model = load_pretrained(self.local_dir, opts.model_class, dtype=opts.dtype,
+                                device=opts.device, config=self.config,
+                                attn_implementation=opts.attn_implementation, fresh_heads=True,
+                                quantize=opts.quantize, transform=merger)
+        if merger is not None:
+            return merger.finish(model)
+        return model if adapter is None else attach_adapter(model, adapter).eval()
 
     # --- FlagAI's API -------------------------------------------------------------------------
 
@@ -223,10 +235,27 @@ def _parse_options(task_name: str, device: str | torch.device | None,
     dtype = resolve_dtype(kwargs, target)
     if quantize == "int8" and target.type == "cpu" and not _dtype_given(kwargs):
         dtype = torch.bfloat16  # the fused CPU int8 kernel takes bf16 activations
+    lora_dir, merge = _lora_options(kwargs)
     return LoadOptions(task=task, device=target, dtype=dtype,
                        fetch=fetch, num_labels=_num_labels(kwargs, task),
                        attn_implementation=attn, quantize=quantize,
-                       registry=kwargs.get("registry"))
+                       registry=kwargs.get("registry"), lora_dir=lora_dir, merge=merge)
+
+
+def _lora_options(kwargs: dict[str, Any]) -> tuple[Path | None, bool]:
+    """``lora_dir`` (FlagAI's name) or its alias ``adapter_dir``, and ``merge``."""
+    given = {k: kwargs[k] for k in ("lora_dir", "adapter_dir") if kwargs.get(k) is not None}
+    if len(given) > 1:
+        raise ValueError(f"lora_dir={given['lora_dir']!r} and adapter_dir="
+                         f"{given['adapter_dir']!r} both given; they are the same option, "
+                         f"pass one")
+    merge = kwargs.get("merge", True)
+    if not isinstance(merge, bool):
+        raise ValueError(f"merge={merge!r}; expected True or False")
+    if not given and "merge" in kwargs:
+        raise ValueError(f"merge={merge!r} applies to a LoRA adapter; pass lora_dir= too")
+    lora_dir = next(iter(given.values()), None)
+    return (None if lora_dir is None else Path(lora_dir)), merge
 
 
 def _unknown_kwargs_message(unknown: list[str]) -> str:

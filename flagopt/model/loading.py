@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # How a loaded tensor is placed in its module: (module, param_name, tensor) -> None.
 TensorHook = Callable[[nn.Module, str, torch.Tensor], None]
+# What a loaded tensor becomes before it is placed: (name, tensor) -> tensor.
+TensorTransform = Callable[[str, torch.Tensor], torch.Tensor]
 
 _HEAD_KEYS = ("lm_head.", "score.", "qa_outputs.")
 
@@ -41,7 +43,8 @@ def load_pretrained(directory: str | os.PathLike,
                     config: OPTConfig | None = None,
                     attn_implementation: str = "sdpa",
                     fresh_heads: bool = True,
-                    quantize: str | None = None) -> nn.Module:
+                    quantize: str | None = None,
+                    transform: TensorTransform | None = None) -> nn.Module:
     """Load a model of ``model_class`` from a checkpoint directory in any OPT layout.
 
     Args:
@@ -55,6 +58,9 @@ def load_pretrained(directory: str | os.PathLike,
         quantize: ``"int8"`` stores every linear layer and the tied embedding/LM head as
             int8 with per-output-channel scales, quantizing each tensor as it is read (the
             full-precision model never exists); ``dtype`` is then the activation dtype.
+        transform: ``transform(name, tensor)`` is applied to each tensor as it is read,
+            before it is checked, converted to ``dtype`` and quantized (how a LoRA adapter is
+            merged in float before int8: ``adapters.LoadMerger``).
     Returns:
         The model in eval mode.
     Raises:
@@ -96,6 +102,10 @@ def load_pretrained(directory: str | os.PathLike,
                     continue
                 if name in loaded:
                     raise checkpoint.duplicate_tensor(name, loaded[name], path)
+                if transform is not None:
+                    tensor = transform(name, tensor)
+                    if read_dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(read_dtype)
                 _check_tensor(name, tensor, expected[name], path)
                 _assign(model, name, tensor, assign_hook)
                 loaded[name] = path
