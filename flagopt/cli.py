@@ -1,11 +1,13 @@
 """The ``flagopt`` command: ``flagopt generate`` streams a continuation to stdout;
 ``flagopt download`` fetches models ahead of time (same as ``flagopt-download``);
-``flagopt serve MODEL`` answers OpenAI's completions API over HTTP (``flagopt.serve``).
+``flagopt serve MODEL`` answers OpenAI's completions API over HTTP (``flagopt.serve``);
+``flagopt finetune`` trains LoRA adapters or the whole model on a local file (``flagopt.train``).
 
     flagopt generate --model opt-125m-en "The trophy doesn't fit in the suitcase because"
     echo "Paris is the capital of" | flagopt generate --model opt-125m-en --beam-size 4
     flagopt perplexity --model opt-125m-en --stride 512 wiki.test.txt
     flagopt eval --model opt-125m-en --tasks lambada_openai,piqa --output results.json
+    flagopt finetune --model opt-125m-en --task lm --train notes.txt --lora-r 16 --output runs/n
 
 With no PROMPT, every line of standard input is one prompt and its continuation is one line of
 output, so the command fits in a shell pipeline: in that mode a backslash in the continuation is
@@ -103,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     from flagopt.eval.commands import add_parsers as add_scoring_parsers
 
     add_scoring_parsers(sub)  # perplexity, eval
+    from flagopt.train.commands import add_parser as add_finetune_parser
+
+    add_finetune_parser(sub)
     return parser
 
 
@@ -302,6 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format="flagopt: %(message)s")
         if args.command == "serve":
             return _serve(args)
+        if args.command == "finetune":
+            from flagopt.train.commands import run_finetune
+
+            return run_finetune(args)
         if args.command != "generate":
             from flagopt.eval.commands import RUNNERS
 

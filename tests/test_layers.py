@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flagopt"
 # placed here.
 LAYERS = {
     "flagopt": 7,  # the package face: re-exports the public API of everything below
+    "flagopt.finetune": 7,  # `python -m flagopt.finetune` (for torchrun): runs flagopt.cli
     "flagopt.cli": 6,  # `flagopt ...`; dispatches `flagopt download` to flagopt.download
     "flagopt.download": 5,  # `flagopt-download`
     "flagopt.serve": 5,
