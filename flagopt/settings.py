@@ -11,10 +11,12 @@ over the environment (``endpoint=``, ``offline=``, ``token=``, ``model_dir=``, `
 ``FLAGOPT_REGISTRY``         extra registry files, ``os.pathsep``-separated
 ``FLAGOPT_DISABLE_PROGRESS`` ``1``: no progress bars
 ``FLAGOPT_SKIP_DISK_CHECK``  ``1``: skip the free-space check before a download
+``FLAGOPT_PREPARED_CACHE``   ``0``: ``AutoLoader`` does not use the prepared-weights cache
 ``HF_TOKEN``                 bearer token for the hub
 ===========================  ====================================================
 
-Flags are on for ``1``, ``true``, ``yes`` or ``on`` (any case). Values are stored as given:
+Flags are on for ``1``, ``true``, ``yes`` or ``on`` (any case); ``FLAGOPT_PREPARED_CACHE``,
+on by default, is off for ``0``, ``false``, ``no`` or ``off``. Values are stored as given:
 the modules that use them validate them (a bad endpoint fails at the first download, not at
 import).
 
@@ -40,11 +42,13 @@ OFFLINE_ENV = "FLAGOPT_OFFLINE"
 REGISTRY_ENV = "FLAGOPT_REGISTRY"
 DISABLE_PROGRESS_ENV = "FLAGOPT_DISABLE_PROGRESS"
 SKIP_DISK_CHECK_ENV = "FLAGOPT_SKIP_DISK_CHECK"
+PREPARED_CACHE_ENV = "FLAGOPT_PREPARED_CACHE"
 TOKEN_ENV = "HF_TOKEN"
 
 DEFAULT_HOME = "~/.cache/flagopt"
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Settings:
     disable_progress: bool = False
     skip_disk_check: bool = False
     token: str | None = None
+    prepared_cache: bool = True
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -69,7 +74,9 @@ class Settings:
                    registry_paths=tuple(p for p in registry.split(os.pathsep) if p.strip()),
                    disable_progress=_flag(environ, DISABLE_PROGRESS_ENV),
                    skip_disk_check=_flag(environ, SKIP_DISK_CHECK_ENV),
-                   token=environ.get(TOKEN_ENV) or None)
+                   token=environ.get(TOKEN_ENV) or None,
+                   prepared_cache=environ.get(PREPARED_CACHE_ENV, "").strip().lower()
+                   not in _FALSE)
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:

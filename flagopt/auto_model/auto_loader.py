@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flagopt import hub
+from flagopt import hub, settings
 from flagopt.auto_model.fetch import FetchOptions, fetch_model
 from flagopt.auto_model.registry import ModelSpec, RegistrySource, resolve_model
 from flagopt.errors import UnknownTaskError
@@ -30,6 +30,7 @@ from flagopt.model.config import OPTConfig
 from flagopt.model.decoder import ATTENTION_IMPLEMENTATIONS
 from flagopt.model.heads import TASK_CLASSES
 from flagopt.model.loading import fresh_model, load_pretrained
+from flagopt.model.prepared import load_prepared
 from flagopt.tokenizer import OPTTokenizer
 
 __all__ = ["AutoLoader", "DTYPES", "TASKS", "LoadOptions", "resolve_device", "resolve_dtype",
@@ -48,7 +49,7 @@ QUANTIZE_MODES = (None, "int8")
 IGNORED_KWARGS = ("use_cache", "checkpoint_activations")
 OPTION_KWARGS = ("dtype", "torch_dtype", "fp16", "num_labels", "class_num",
                  "attn_implementation", "quantize", "registry", "endpoint", "offline",
-                 "progress", "token")
+                 "progress", "token", "prepared_cache")
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -62,6 +63,7 @@ class LoadOptions:
     attn_implementation: str = "sdpa"
     quantize: str | None = None
     registry: RegistrySource | None = None
+    prepared_cache: bool = True
 
     @property
     def model_class(self) -> type[nn.Module]:
@@ -95,7 +97,11 @@ class AutoLoader:
             (``"sdpa"``/``"eager"``); ``quantize`` (``"int8"``: int8 weights,
             bf16 activations on CPU unless a dtype is given); ``registry`` (extra
             registry path or dict); hub options ``endpoint``, ``offline``, ``progress``,
-            ``token``. ``use_cache`` and ``checkpoint_activations`` are accepted and ignored.
+            ``token``; ``prepared_cache`` (default True, or ``FLAGOPT_PREPARED_CACHE=0``
+            for False): weights are prepared once per (checkpoint, dtype, quantize, layout)
+            in ``<local_dir>/.flagopt-prepared/`` and memory-mapped on later loads with no
+            conversion (``flagopt.model.prepared``); a directory that cannot be written
+            loads normally. ``use_cache`` and ``checkpoint_activations`` are accepted and ignored.
 
     Attributes:
         model, config, options, target (what ``model_name`` resolved to), spec (None for a
@@ -132,12 +138,14 @@ class AutoLoader:
 
     def _build_model(self, only_download_config: bool) -> nn.Module:
         """Build the task model on the target device and dtype, loading the weights unless
-        ``only_download_config``; ``quantize="int8"`` quantizes while loading."""
+        ``only_download_config``; ``quantize="int8"`` quantizes while loading, and the
+        prepared cache (``prepared_cache``) makes a later load a memory map."""
         opts = self.options
         if only_download_config:
             return fresh_model(opts.model_class, self.config, dtype=opts.dtype,
                                device=opts.device, attn_implementation=opts.attn_implementation)
-        return load_pretrained(self.local_dir, opts.model_class, dtype=opts.dtype,
+        load = load_prepared if opts.prepared_cache else load_pretrained
+        return load(self.local_dir, opts.model_class, dtype=opts.dtype,
                                device=opts.device, config=self.config,
                                attn_implementation=opts.attn_implementation, fresh_heads=True,
                                quantize=opts.quantize)
@@ -220,13 +228,18 @@ def _parse_options(task_name: str, device: str | torch.device | None,
     fetch = FetchOptions(endpoint=endpoint, token=kwargs.get("token"),
                          offline=hub.is_offline(kwargs.get("offline", False)),
                          progress=bool(kwargs.get("progress", True)))
+    prepared = kwargs.get("prepared_cache")
+    if prepared is None:
+        prepared = settings.get().prepared_cache
+    elif not isinstance(prepared, bool):
+        raise TypeError(f"prepared_cache={prepared!r}; expected True or False")
     dtype = resolve_dtype(kwargs, target)
     if quantize == "int8" and target.type == "cpu" and not _dtype_given(kwargs):
         dtype = torch.bfloat16  # the fused CPU int8 kernel takes bf16 activations
     return LoadOptions(task=task, device=target, dtype=dtype,
                        fetch=fetch, num_labels=_num_labels(kwargs, task),
                        attn_implementation=attn, quantize=quantize,
-                       registry=kwargs.get("registry"))
+                       registry=kwargs.get("registry"), prepared_cache=prepared)
 
 
 def _unknown_kwargs_message(unknown: list[str]) -> str:

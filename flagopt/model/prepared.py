@@ -437,31 +437,46 @@ def _make_root(root: Path) -> bool:
 
 @contextlib.contextmanager
 def _lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (released by the kernel if the process dies).
+    """An exclusive ``flock`` on ``path`` (released by the kernel if the process dies); the
+    lock file is removed on release, as the downloader's are.
 
     Raises:
         TimeoutError: another process held it for ``timeout`` seconds.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"waited {timeout:g}s for {path}, held by another process "
+                                   f"preparing the same weights") from None
+            if not announced:
+                logger.info("waiting for %s: another process is preparing these weights", path)
+                announced = True
+            time.sleep(_LOCK_POLL_S)
+            continue
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed this lock file while we waited: lock the new one
     try:
-        deadline = time.monotonic() + timeout
-        announced = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"waited {timeout:g}s for {path}, held by another "
-                                       f"process preparing the same weights") from None
-                if not announced:
-                    logger.info("waiting for %s: another process is preparing these weights",
-                                path)
-                    announced = True
-                time.sleep(_LOCK_POLL_S)
         yield
     finally:
-        os.close(fd)  # the lock file stays: unlinking it would race with a waiter
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # still holding the lock, so no one else is using this inode
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
 def _discard(entry: Path, root: Path) -> None:
