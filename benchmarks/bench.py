@@ -348,6 +348,10 @@ def _config(args: argparse.Namespace, name: str, spec: checkpoints.ModelSpec,
             worker_spec["position_fraction"] = spec.position_parameters() / \
                 spec.num_parameters()
             config["conversion_s"] = seconds
+    if reason is None and engine == "flagopt":  # its CT2-like conversion: the prepared cache
+        result = run_worker(dict(worker_spec, task="flagopt_prepare"), args.timeout,
+                            args.threads)
+        config["conversion_s"] = result.get("seconds")
     if reason:
         config.update(status="unavailable", reason=reason)
     return config

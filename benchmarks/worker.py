@@ -1,7 +1,8 @@
 """What one fresh benchmark process does, given a JSON spec: one task, one JSON result.
 
 Tasks: ``prepare`` (write a random checkpoint), ``convert`` (CTranslate2 conversion),
-``membw`` (the machine's memory bandwidth) and ``measure`` (load one engine/model/dtype and
+``flagopt_prepare`` (fill flagopt's prepared-weights cache), ``membw`` (the machine's memory
+bandwidth) and ``measure`` (load one engine/model/dtype and
 time everything once). ``bench.py --worker SPEC`` calls ``run`` and prints its result as the
 last line of stdout; anything the libraries print goes to stderr meanwhile.
 """
@@ -32,6 +33,11 @@ def run(spec: dict) -> dict:
             start = time.perf_counter()
             convert_ct2(Path(spec["checkpoint"]), Path(spec["directory"]),
                         spec["quantization"])
+            return {"status": "ok", "seconds": time.perf_counter() - start}
+        if task == "flagopt_prepare":  # one load fills the prepared cache (not measured)
+            from engines import FlagoptEngine
+            start = time.perf_counter()
+            FlagoptEngine(spec).load()
             return {"status": "ok", "seconds": time.perf_counter() - start}
         if task == "membw":
             return memory_bandwidth(spec)

@@ -11,6 +11,7 @@ over the environment (``endpoint=``, ``offline=``, ``token=``, ``model_dir=``, `
 ``FLAGOPT_REGISTRY``         extra registry files, ``os.pathsep``-separated
 ``FLAGOPT_DISABLE_PROGRESS`` ``1``: no progress bars
 ``FLAGOPT_SKIP_DISK_CHECK``  ``1``: skip the free-space check before a download
+``FLAGOPT_PREPARED_CACHE``   ``0``: ``AutoLoader`` does not use the prepared-weights cache
 ``HF_TOKEN``                 bearer token for the hub
 ``RANK``                     this process's rank under ``torchrun`` (training, DDP)
 ``WORLD_SIZE``               the number of processes under ``torchrun``
@@ -21,7 +22,8 @@ over the environment (``endpoint=``, ``offline=``, ``token=``, ``model_dir=``, `
 itself; flagopt only reads the three rank variables, to know before that whether it runs
 under a launcher and which GPU is its own (the trainer parses them and names a bad one).
 
-Flags are on for ``1``, ``true``, ``yes`` or ``on`` (any case). Values are stored as given:
+Flags are on for ``1``, ``true``, ``yes`` or ``on`` (any case); ``FLAGOPT_PREPARED_CACHE``,
+on by default, is off for ``0``, ``false``, ``no`` or ``off``. Values are stored as given:
 the modules that use them validate them (a bad endpoint fails at the first download, not at
 import).
 
@@ -47,6 +49,7 @@ OFFLINE_ENV = "FLAGOPT_OFFLINE"
 REGISTRY_ENV = "FLAGOPT_REGISTRY"
 DISABLE_PROGRESS_ENV = "FLAGOPT_DISABLE_PROGRESS"
 SKIP_DISK_CHECK_ENV = "FLAGOPT_SKIP_DISK_CHECK"
+PREPARED_CACHE_ENV = "FLAGOPT_PREPARED_CACHE"
 TOKEN_ENV = "HF_TOKEN"
 RANK_ENV = "RANK"
 WORLD_SIZE_ENV = "WORLD_SIZE"
@@ -55,6 +58,7 @@ LOCAL_RANK_ENV = "LOCAL_RANK"
 DEFAULT_HOME = "~/.cache/flagopt"
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Settings:
     rank: str | None = None
     world_size: str | None = None
     local_rank: str | None = None
+    prepared_cache: bool = True
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -85,7 +90,9 @@ class Settings:
                    token=environ.get(TOKEN_ENV) or None,
                    rank=environ.get(RANK_ENV) or None,
                    world_size=environ.get(WORLD_SIZE_ENV) or None,
-                   local_rank=environ.get(LOCAL_RANK_ENV) or None)
+                   local_rank=environ.get(LOCAL_RANK_ENV) or None,
+                   prepared_cache=environ.get(PREPARED_CACHE_ENV, "").strip().lower()
+                   not in _FALSE)
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:

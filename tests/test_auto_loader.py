@@ -33,6 +33,7 @@ from flagopt.model.config import OPTConfig
 from flagopt.model.heads import (OPTForCausalLM, OPTForQuestionAnswering,
                                  OPTForSequenceClassification)
 from flagopt.model.loading import load_pretrained
+from flagopt.model.prepared import PREPARED_DIRNAME
 from flagopt.model.synthetic import write_random_checkpoint
 from tests.conftest import Env
 from tests.hub_server import HubServer
@@ -468,7 +469,11 @@ def test_two_processes_loading_at_once_end_with_one_copy(zoo: Zoo, hub: HubServe
         torch.testing.assert_close(torch.tensor(json.loads(out)), _reference(zoo.source(repo)),
                                    rtol=0, atol=0)
     local = tmp_path / "models" / name
-    assert sorted(p.name for p in local.iterdir()) == sorted(zoo.registry["models"][name]["files"])
+    assert sorted(p.name for p in local.iterdir() if p.name != PREPARED_DIRNAME) == \
+        sorted(zoo.registry["models"][name]["files"])
+    # ... and one prepared entry beside them, no temporary or lock file left
+    (entry,) = (local / PREPARED_DIRNAME).iterdir()
+    assert entry.is_dir() and not entry.name.startswith(".")
     for file in zoo.registry["models"][name]["files"]:
         assert (local / file).read_bytes() == (zoo.source(repo) / file).read_bytes()
         assert len(hub.requests_for(f"*/{file}", method="GET", server="cdn" if

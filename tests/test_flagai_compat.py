@@ -17,6 +17,7 @@ import torch
 
 from flagopt.model.heads import (CausalLMOutput, OPTForCausalLM,
                                  OPTForQuestionAnswering, OPTForSequenceClassification)
+from flagopt.model.prepared import PREPARED_DIRNAME
 from flagopt.predictor import GeneratedText, Predictor
 from flagopt.tokenizer import OPTTokenizer
 from tests.conftest import tiny_config
@@ -207,6 +208,11 @@ FLAGAI_TINY = dict(vocab_size=50272, hidden_size=16, num_hidden_layers=2, ffn_di
                    num_attention_heads=2, max_position_embeddings=2048)
 
 
+def _flagai_files(directory: Path) -> list[str]:
+    """The directory's files, the prepared-weights cache (``.flagopt-prepared``) aside."""
+    return sorted(p.name for p in directory.iterdir() if p.name != PREPARED_DIRNAME)
+
+
 def write_flagai_checkpoint(directory: Path, seed: int = 0) -> Path:
     """A tiny random model in FlagAI's layout: the four files, one merged ``.bin``."""
     from flagopt.model.config import OPTConfig
@@ -283,7 +289,7 @@ def test_flagai_four_files_are_complete_and_found_with_no_request(
     assert loader.local_dir == directory.absolute()
     _same_weights(loader.get_model(), directory)
     assert loader.get_tokenizer().encode("day") == [1208]
-    assert sorted(p.name for p in directory.iterdir()) == FLAGAI_FILES  # nothing added
+    assert _flagai_files(directory) == FLAGAI_FILES  # nothing added (but the prepared cache)
     assert not (tmp_path / "home").exists()
 
 
@@ -506,7 +512,7 @@ def test_flagai_example_script_runs_from_checkpoints_with_no_network(name: str,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("input is ") and " out is " in proc.stdout
     assert proc.stdout.split(" out is ", 1)[1].strip()
-    assert sorted(p.name for p in directory.iterdir()) == FLAGAI_FILES
+    assert _flagai_files(directory) == FLAGAI_FILES
     assert not (tmp_path / "home").exists()
 
 

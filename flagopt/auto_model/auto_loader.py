@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flagopt import hub
+from flagopt import hub, settings
 from flagopt.auto_model.fetch import FetchOptions, fetch_model
 from flagopt.auto_model.registry import ModelSpec, RegistrySource, resolve_model
 from flagopt.errors import UnknownTaskError
@@ -31,6 +31,7 @@ from flagopt.model.config import OPTConfig
 from flagopt.model.decoder import ATTENTION_IMPLEMENTATIONS
 from flagopt.model.heads import TASK_CLASSES
 from flagopt.model.loading import fresh_model, load_pretrained
+from flagopt.model.prepared import load_prepared
 from flagopt.tokenizer import OPTTokenizer
 
 __all__ = ["AutoLoader", "DTYPES", "TASKS", "LoadOptions", "resolve_device", "resolve_dtype",
@@ -49,7 +50,8 @@ QUANTIZE_MODES = (None, "int8")
 IGNORED_KWARGS = ("use_cache", "checkpoint_activations")
 OPTION_KWARGS = ("dtype", "torch_dtype", "fp16", "num_labels", "class_num",
                  "attn_implementation", "quantize", "registry", "endpoint", "offline",
-                 "progress", "token", "lora_dir", "adapter_dir", "merge")
+                 "progress", "token", "lora_dir", "adapter_dir", "merge",
+                 "prepared_cache")
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -65,6 +67,7 @@ class LoadOptions:
     registry: RegistrySource | None = None
     lora_dir: Path | None = None
     merge: bool = True
+    prepared_cache: bool = True
 
     @property
     def model_class(self) -> type[nn.Module]:
@@ -100,7 +103,14 @@ class AutoLoader:
             registry path or dict); hub options ``endpoint``, ``offline``, ``progress``,
             ``token``; ``lora_dir`` (alias ``adapter_dir``): a PEFT LoRA adapter directory,
             merged into the weights in float as they load (before int8 quantization) unless
-            ``merge=False``, which keeps ``LoRALinear`` layers beside the frozen base. ``use_cache`` and ``checkpoint_activations`` are accepted and ignored.
+            ``merge=False``, which keeps ``LoRALinear`` layers beside the frozen base;
+            ``prepared_cache`` (default True, or ``FLAGOPT_PREPARED_CACHE=0`` for False):
+            weights are prepared once per (checkpoint, dtype, quantize, layout) in
+            ``<local_dir>/.flagopt-prepared/`` and memory-mapped on later loads with no
+            conversion (``flagopt.model.prepared``); a directory that cannot be written loads
+            normally, and so does a load that merges an adapter (its weights are not the
+            checkpoint's). ``use_cache`` and ``checkpoint_activations`` are accepted and
+            ignored.
 
     Attributes:
         model, config, options, target (what ``model_name`` resolved to), spec (None for a
@@ -137,21 +147,23 @@ class AutoLoader:
 
     def _build_model(self, only_download_config: bool) -> nn.Module:
         """Build the task model on the target device and dtype, loading the weights unless
-        ``only_download_config``; ``quantize="int8"`` quantizes while loading."""
+        ``only_download_config``; ``quantize="int8"`` quantizes while loading, and the
+        prepared cache (``prepared_cache``) makes a later load a memory map."""
         opts = self.options
         adapter = read_adapter(opts.lora_dir) if opts.lora_dir is not None else None
         if only_download_config:
             model = fresh_model(opts.model_class, self.config, dtype=opts.dtype,
                                 device=opts.device, attn_implementation=opts.attn_implementation)
             return model if adapter is None else attach_adapter(model, adapter, merge=opts.merge)
-        merger = LoadMerger(adapter, opts.model_class, self.config) \
-            if adapter is not None and opts.merge else None
-        model = load_pretrained(self.local_dir, opts.model_class, dtype=opts.dtype,
-                                device=opts.device, config=self.config,
-                                attn_implementation=opts.attn_implementation, fresh_heads=True,
-                                quantize=opts.quantize, transform=merger)
-        if merger is not None:
+        common = dict(dtype=opts.dtype, device=opts.device, config=self.config,
+                      attn_implementation=opts.attn_implementation, fresh_heads=True,
+                      quantize=opts.quantize)
+        if adapter is not None and opts.merge:  # merged as read: not the checkpoint's weights
+            merger = LoadMerger(adapter, opts.model_class, self.config)
+            model = load_pretrained(self.local_dir, opts.model_class, transform=merger, **common)
             return merger.finish(model)
+        load = load_prepared if opts.prepared_cache else load_pretrained
+        model = load(self.local_dir, opts.model_class, **common)
         return model if adapter is None else attach_adapter(model, adapter).eval()
 
     # --- FlagAI's API -------------------------------------------------------------------------
@@ -232,6 +244,11 @@ def _parse_options(task_name: str, device: str | torch.device | None,
     fetch = FetchOptions(endpoint=endpoint, token=kwargs.get("token"),
                          offline=hub.is_offline(kwargs.get("offline", False)),
                          progress=bool(kwargs.get("progress", True)))
+    prepared = kwargs.get("prepared_cache")
+    if prepared is None:
+        prepared = settings.get().prepared_cache
+    elif not isinstance(prepared, bool):
+        raise TypeError(f"prepared_cache={prepared!r}; expected True or False")
     dtype = resolve_dtype(kwargs, target)
     if quantize == "int8" and target.type == "cpu" and not _dtype_given(kwargs):
         dtype = torch.bfloat16  # the fused CPU int8 kernel takes bf16 activations
@@ -239,7 +256,8 @@ def _parse_options(task_name: str, device: str | torch.device | None,
     return LoadOptions(task=task, device=target, dtype=dtype,
                        fetch=fetch, num_labels=_num_labels(kwargs, task),
                        attn_implementation=attn, quantize=quantize,
-                       registry=kwargs.get("registry"), lora_dir=lora_dir, merge=merge)
+                       registry=kwargs.get("registry"), lora_dir=lora_dir, merge=merge,
+                       prepared_cache=prepared)
 
 
 def _lora_options(kwargs: dict[str, Any]) -> tuple[Path | None, bool]:
