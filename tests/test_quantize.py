@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from flagopt.model.loading import load_pretrained
-from flagopt.model.quantize import (FUSED_MAX_ROWS, Int8Embedding, Int8Linear, int8_linear,
-                                    quantize_rows)
+from flagopt.model.quantize import Int8Embedding, Int8Linear, int8_linear, quantize_rows
 from flagopt.model.synthetic import write_random_checkpoint
 from flagopt.predictor.generation import generate
 from flagopt.predictor.params import GenerationParams
@@ -24,7 +23,7 @@ def test_quantize_rows_is_symmetric_per_row_and_bounded() -> None:
     assert bool((err <= scale[:, None] / 2 + 1e-7).all())  # rounding, never clipping
 
 
-@pytest.mark.parametrize("rows", [1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1, 64])
+@pytest.mark.parametrize("rows", [1, 16, 17, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_equals_the_dequantized_matmul(rows: int, dtype: torch.dtype) -> None:
     w, b = torch.randn(96, 64), torch.randn(96)
@@ -35,6 +34,34 @@ def test_int8_linear_equals_the_dequantized_matmul(rows: int, dtype: torch.dtype
     assert y.dtype == dtype and y.shape == (rows, 96)
     tol = 1e-4 if dtype == torch.float32 else 0.1
     torch.testing.assert_close(y.float(), reference, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_linear_batched_rows_equal_each_row_alone(dtype: torch.dtype) -> None:
+    # The int8 path is the fused int8 kernel at every row count (batches and prefill too),
+    # so a row's output does not depend on what else is in the batch.
+    w, b = torch.randn(96, 64), torch.randn(96)
+    q, scale = quantize_rows(w)
+    x = torch.randn(4, 16, 64).to(dtype)  # (B, T, in): 64 rows
+    batched = int8_linear(x, q, scale, b.to(dtype))
+    alone = torch.stack([torch.cat([int8_linear(x[i, t][None], q, scale, b.to(dtype))
+                                    for t in range(16)]) for i in range(4)])
+    assert batched.shape == (4, 16, 96)
+    assert torch.equal(batched, alone)
+
+
+def test_int8_model_batch_and_prefill_equal_single_row_decoding(tmp_path) -> None:
+    directory, _ = _checkpoint(tmp_path)
+    model = load_pretrained(directory, dtype=torch.bfloat16, quantize="int8")
+    ids = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        batched = model(ids).logits  # one 48-row prefill
+        alone = torch.cat([model(ids[i:i + 1]).logits for i in range(4)])
+    assert torch.equal(batched, alone)
+    params = GenerationParams(max_new_tokens=8, eos_token_ids=())
+    together = generate(model, ids, None, params).sequences
+    each = torch.cat([generate(model, ids[i:i + 1], None, params).sequences for i in range(4)])
+    assert torch.equal(together, each)
 
 
 def _checkpoint(tmp_path, **overrides):

@@ -6,8 +6,9 @@ activations stay in the compute dtype. The tied token embedding shares the LM he
 matrix (a row's scale is the head's output-channel scale). Each tensor is quantized as it is
 read, so the full-precision model never sits in memory.
 
-Kernels are torch's own: ``torch._weight_int8pack_mm`` on CPU (fused int8 GEMM/GEMV) and a
-dequantizing ``linear`` elsewhere.
+Kernels are torch's own: ``torch._weight_int8pack_mm`` on CPU for bf16/fp16 activations (fused
+int8 GEMM/GEMV, at every row count, so a batch computes each row exactly as that row alone
+would) and a dequantizing ``linear`` elsewhere.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from torch import nn
 QUANTIZE_MODES = ("int8",)
 _TASK_HEADS = ("score", "qa_outputs")  # tiny, freshly trained heads stay in full precision
 _ROWS_PER_CHUNK = 1024  # quantize big matrices in slices to bound the temporary fp32 copy
-FUSED_MAX_ROWS = 16  # measured crossover of torch._weight_int8pack_mm vs dequantize + matmul
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,12 +71,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """Linear layer over an int8 weight; the activation dtype is kept.
 
-    On CPU, few rows in bf16/fp16 (decoding) go through the fused int8 kernel, which reads
-    a quarter of fp32's bytes; many rows (prefill, big batches) and fp32 activations are
-    faster as one dequantize plus a dense matmul.
+    On CPU, bf16/fp16 activations go through the fused int8 kernel at any number of rows
+    (decoding, batches and prefill alike): it reads a quarter of fp32's bytes and, unlike a
+    dequantize plus a dense matmul, runs at the same per-row numerics whatever the batch.
+    fp32 activations, where that kernel is slow, and other devices dequantize and matmul.
     """
-    rows = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" and x.dtype != torch.float32 and rows <= FUSED_MAX_ROWS:
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        rows = x.numel() // x.shape[-1]
         y = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).contiguous(), q,
                                       scale.to(x.dtype))
         y = y.view(*x.shape[:-1], q.shape[0])
