@@ -117,3 +117,18 @@ def test_autoloader_int8(tmp_path) -> None:
     assert model.lm_head.scale.dtype == torch.float32
     with pytest.raises(ValueError, match="quantize"):
         AutoLoader("lm", str(directory), quantize="fp4")
+
+
+def test_fused_int8_kernel_passes_gradients_to_its_input():
+    """LoRA over an int8 base trains through the fused kernel: dL/dx equals the dequantized
+    matmul's, and the frozen weight gets none."""
+    from flagopt.model.quantize import int8_linear, quantize_rows
+
+    torch.manual_seed(0)
+    q, scale = quantize_rows(torch.randn(24, 16))
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3, 5, 24)  # a linear loss: its gradient does not depend on rounding of y
+    (int8_linear(x, q, scale, None).float() * w).sum().backward()
+    want = (w * scale) @ q.float()  # exact dL/dx for the dequantized weight
+    torch.testing.assert_close(x.grad.float(), want, rtol=0.02, atol=0.05)
+    assert x.grad.abs().sum() > 0

@@ -77,13 +77,36 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     fp32 activations, where that kernel is slow, and other devices dequantize and matmul.
     """
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        rows = x.numel() // x.shape[-1]
-        y = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).contiguous(), q,
-                                      scale.to(x.dtype))
-        y = y.view(*x.shape[:-1], q.shape[0])
+        if x.requires_grad and torch.is_grad_enabled():  # LoRA over a frozen int8 base
+            y = _FusedInt8.apply(x, q, scale)
+        else:
+            y = _fused_int8(x, q, scale)
     else:  # the scale applies per output channel, so it goes on the (rows, out) result
         y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     return y if bias is None else y + bias
+
+
+def _fused_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    y = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).contiguous(), q,
+                                  scale.to(x.dtype))
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+class _FusedInt8(torch.autograd.Function):
+    """The fused int8 kernel with a backward for its input (the weight is frozen): training
+    adapters over an int8 base needs gradients to flow through the base layers, and torch
+    has no derivative for ``_weight_int8pack_mm``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, scale)
+        return _fused_int8(x, q, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # dL/dx = (grad * scale) @ q
+        q, scale = ctx.saved_tensors
+        return (grad * scale.to(grad.dtype)) @ q.to(grad.dtype), None, None
 
 
 class Int8Embedding(nn.Module):

@@ -173,6 +173,9 @@ def finetune(*, model: str, task: str, train: str, output: str, valid: str | Non
     if task == "classification":
         label2id = task_data.label_mapping(train)
         options["num_labels"] = len(label2id)
+    import torch
+
+    torch.manual_seed((trainer or {}).get("seed", 1234))  # a fresh task head starts the same
     auto = AutoLoader(task, model, quantize=quantize, **options)
     net, tokenizer = auto.get_model(), auto.get_tokenizer()
     positions = net.config.max_position_embeddings
