@@ -230,27 +230,9 @@ class SpeculativeChooser(Chooser):
                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The speculative-sampling rule: tokens (R, m+1), each row's accepted prefix, m."""
         p = torch.stack([s.softmax(-1) for s in scores], 1)  # (R, k+1, V)
-        k = drafts.shape[1]
-        if k:
-            p_draft = p[:, :k].gather(2, drafts[..., None])[..., 0]  # (R, k)
-            q_draft = q.gather(2, drafts[..., None])[..., 0]
-            u = torch.rand(p_draft.shape, generator=self.generator, device=p.device)
-            accepted = _prefix(u * q_draft < p_draft)  # accept with probability min(1, p/q)
-        else:
-            accepted = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
-        m = self._kept(accepted, k, state)
-        # Position m: a row that accepted proposal m+1 keeps it; one rejected there draws
-        # from norm(max(0, p - q)); after all k proposals, from p itself.
-        dist = p[:, m]
-        if m < k:
-            residual = (p[:, m] - q[:, m]).clamp(min=0)
-            rejected = (accepted == m)[:, None] & (residual.sum(-1, keepdim=True) > 0)
-            dist = torch.where(rejected, residual, dist)
-        drawn = torch.multinomial(dist, 1, generator=self.generator)[:, 0]
-        if m < k:
-            drawn = torch.where(accepted > m, drafts[:, m], drawn)
-        tokens = torch.cat([drafts[:, :m], drawn[:, None]], 1)
-        return tokens, accepted, m
+        accepted = accepted_prefix(p, q, drafts, self.generator)
+        m = self._kept(accepted, drafts.shape[1], state)
+        return emitted_tokens(p, q, drafts, accepted, m, self.generator), accepted, m
 
     def _kept(self, agreed: torch.Tensor, k: int, state: DecodeState) -> int:
         """Proposals every unfinished row keeps (the batch's shortest agreeing prefix); also
@@ -263,6 +245,44 @@ class SpeculativeChooser(Chooser):
         self.stats.kept += shortest * rows if rows else 0
         self.stats.rounds += 1
         return shortest if rows else 0
+
+
+def accepted_prefix(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """Each row's accepted proposals (R,) long: proposal j is accepted with probability
+    ``min(1, p_j(d) / q_j(d))``, and only while every earlier one was.
+
+    Args:
+        p: the target's distributions (R, k+1, V); q: the draft's (R, k, V), None for k = 0.
+        drafts: the proposals (R, k), each drawn from its row of q.
+    """
+    k = drafts.shape[1]
+    if k == 0:
+        return torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
+    p_draft = p[:, :k].gather(2, drafts[..., None])[..., 0]  # (R, k)
+    q_draft = q.gather(2, drafts[..., None])[..., 0]
+    u = torch.rand(p_draft.shape, generator=generator, device=p.device)
+    return _prefix(u * q_draft < p_draft)
+
+
+def emitted_tokens(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
+                   accepted: torch.Tensor, m: int, generator: torch.Generator | None
+                   ) -> torch.Tensor:
+    """The m + 1 tokens (R, m+1) every row emits, for m <= min(accepted) over the rows
+    that count: the first m proposals, then at position m the row's accepted proposal, or
+    where it was rejected a draw from ``norm(max(0, p - q))``, or after all k proposals a
+    draw from p. Each token is distributed as p at its position, given the ones before."""
+    k = drafts.shape[1]
+    dist = p[:, m]
+    if m < k:
+        residual = (p[:, m] - q[:, m]).clamp(min=0)
+        # A rejection has residual mass > 0; a row of zeros (p == q) is never rejected.
+        rejected = (accepted == m)[:, None] & (residual.sum(-1, keepdim=True) > 0)
+        dist = torch.where(rejected, residual, dist)
+    drawn = torch.multinomial(dist, 1, generator=generator)[:, 0]
+    if m < k:
+        drawn = torch.where(accepted > m, drafts[:, m], drawn)
+    return torch.cat([drafts[:, :m], drawn[:, None]], 1)
 
 
 def _prefix(agree: torch.Tensor) -> torch.Tensor:
