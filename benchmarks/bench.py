@@ -565,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         run_round(args, configs, repeat, doc)
     doc["reference_tokens"] = {name: reference_tokens(args, configs, name)
-                               for name in args.models if name not in doc["model_errors"]}
+                               for name in args.models if name not in doc["model_errors"]
+                               and "transformers" in args.peers}
     finish(args, doc, configs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

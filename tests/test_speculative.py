@@ -14,6 +14,8 @@ from flagopt.model.quantize import Int8Linear
 from flagopt.predictor import GenerationParams, Predictor, generate
 from flagopt.predictor.speculative import accepted_prefix, emitted_tokens, int8_draft
 from tests.conftest import VARIANTS, reference_pair, tiny_config
+from tests.test_cli import REPO, _expected, _no_loading, _one_error_line, _run, \
+    served  # noqa: F401 (the served-checkpoint fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -314,3 +316,34 @@ def test_the_untied_variant_is_untied() -> None:
     model = _model(tiny_config(**SPEC_VARIANTS["untied"]), seed=0)
     assert model.lm_head.weight is not model.model.decoder.embed_tokens.weight
     assert not int8_draft(model).tied
+
+
+# --- flagopt generate --draft -----------------------------------------------------------------
+
+def test_cli_draft_int8_prints_the_greedy_text(served, tmp_path) -> None:
+    server, source = served
+    out = _run(["generate", "--model", REPO, "--max-new-tokens", "8", "--draft", "int8",
+                "--quiet", "Hello world"], server, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == _expected(source, "Hello world", out_max_length=8) + "\n"
+
+
+def test_cli_draft_model_by_name_prints_the_greedy_text(served, tmp_path) -> None:
+    server, source = served
+    out = _run(["generate", "--model", REPO, "--max-new-tokens", "6", "--draft", REPO,
+                "--quiet", "Hello world"], server, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == _expected(source, "Hello world", out_max_length=6) + "\n"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--draft", "int8", "--beam-size", "3"], "--draft applies to --strategy greedy or sample"),
+    (["--draft", "int8", "--strategy", "contrastive"], "not --strategy contrastive"),
+    (["--draft", "int8", "--quantize", "int8"], "drop --quantize"),
+])
+def test_cli_draft_errors_come_before_loading(monkeypatch, capsys, args, named) -> None:
+    from flagopt import cli
+
+    _no_loading(monkeypatch)
+    assert cli.main(["generate", *args, "x"]) != 0
+    assert named in _one_error_line(capsys.readouterr().err)
