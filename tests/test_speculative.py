@@ -347,3 +347,32 @@ def test_cli_draft_errors_come_before_loading(monkeypatch, capsys, args, named) 
     _no_loading(monkeypatch)
     assert cli.main(["generate", *args, "x"]) != 0
     assert named in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_draft_with_non_finite_logits_changes_nothing() -> None:
+    target = _model(tiny_config(init_std=0.3), seed=0)
+    broken = _model(tiny_config(init_std=0.3), seed=3)
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    ids, mask = _padded_batch()
+    params = GenerationParams(max_new_tokens=8)
+    _assert_same(generate(target, ids, mask, params), generate(target, ids, mask, params,
+                                                               draft=broken))
+    out = generate(target, ids, mask, GenerationParams(strategy="sample", max_new_tokens=8,
+                                                       seed=0), draft=broken)
+    assert out.sequences.shape[1] > ids.shape[1]
+
+
+def test_non_finite_target_logits_still_raise_with_a_draft() -> None:
+    """NaN logits at a verified position (after a token whose embedding is NaN) raise."""
+    from flagopt.errors import NonFiniteLogitsError
+
+    target = _model(tiny_config(init_std=0.3, **SPEC_VARIANTS["untied"]), seed=0)
+    ids = torch.tensor([[2, 5, 6, 7]])
+    params = GenerationParams(max_new_tokens=8, eos_token_ids=())
+    third = generate(target, ids, None, params).new_tokens[0][2]
+    assert third not in ids.tolist()[0]
+    with torch.no_grad():
+        target.model.decoder.embed_tokens.weight[third] = float("nan")
+    with pytest.raises(NonFiniteLogitsError, match="position"):
+        generate(target, ids, None, params, draft=target)

@@ -37,7 +37,8 @@ from flagopt.model.cache import KVCache
 from flagopt.model.loading import _no_init  # the loader's skip of meta-device init
 from flagopt.model.quantize import Int8Embedding, Int8Linear, int8_modules, \
     is_quantized_param, tie_int8
-from flagopt.predictor.engine import Chooser, DecodeState, SpeculativeStats, _cache_dtype
+from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult, \
+    SpeculativeStats, _cache_dtype
 from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.processors import apply_processors
 
@@ -159,7 +160,9 @@ class SpeculativeChooser(Chooser):
         self.pending = (scores, token)
         return logits
 
-    def result(self, state: DecodeState):
+    def result(self, state: DecodeState) -> GenerationResult:
+        """The ids, lengths, reasons and scores (as ``Chooser.result``) and the draft's
+        acceptance figures."""
         out = super().result(state)
         out.speculative = self.stats
         return out
@@ -203,6 +206,9 @@ class SpeculativeChooser(Chooser):
         if k:
             logits = draft.forward(state.tokens[:, draft.cache.length:length])  # catch up
         for i in range(k):
+            # A draft row with NaN/inf logits (fp16 overflow, say) proposes from uniform
+            # logits: proposals only change how many are accepted, never the output.
+            logits = torch.where(torch.isfinite(logits.sum(-1, keepdim=True)), logits, 0.0)
             scores = self._process(logits, state, length + i)
             if self.generator is None:
                 tok = scores.argmax(-1)
