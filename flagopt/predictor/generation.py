@@ -87,8 +87,6 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
     cache_dtype = check_cache_dtype(cache_dtype)
     max_new = max_new_tokens_allowed(input_ids.shape[1], params.max_new_tokens,
                                      model.config.max_position_embeddings)
-    if max_new == 0:
-        return _nothing(input_ids.repeat_interleave(params.num_return_sequences, 0))
     strategy = STRATEGIES[params.strategy]
     if draft is not None:
         if not strategy.draft:
@@ -97,6 +95,8 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
                              f"speculative decoding supports {takes}")
         draft = check_draft(model, draft)
         compile = False  # verification runs several positions per forward: eager steps
+    if max_new == 0:
+        return _nothing(input_ids.repeat_interleave(params.num_return_sequences, 0))
     stops = None
     if params.stop and strategy.stop_strings:
         if decode is None:
