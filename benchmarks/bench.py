@@ -1,8 +1,8 @@
 """flagopt against its peers (transformers, CTranslate2) on random-weight OPT checkpoints.
 
     python benchmarks/bench.py [--models opt-125m,opt-1.3b] [--device cpu] [--dtypes ...]
-        [--quantize int8] [--peers transformers,ctranslate2] [--out benchmarks/results]
-        [--repeats 3] [--quick]
+        [--quantize int8] [--draft int8,opt-125m] [--peers transformers,ctranslate2]
+        [--out benchmarks/results] [--repeats 3] [--quick]
 
 Every measurement runs in a fresh process (``bench.py --worker SPEC`` prints one JSON line),
 configurations are interleaved round-robin across engines and repeated, and the report gives
@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=("int8",), help="also run flagopt with int8 weights")
     p.add_argument("--int8-compute-dtype", help="activation dtype of flagopt's int8 runs "
                    "(default bfloat16 on cpu, float16 on cuda)")
+    p.add_argument("--draft", help="speculative decoding, batch-1 greedy: 'int8' (the "
+                   "target's own int8 weights) and/or draft models from the --models list, "
+                   "comma-separated; transformers' assisted generation (assistant_model=) "
+                   "with the same draft is the peer")
+    p.add_argument("--hf-assistant", help="the assistant model of transformers' peer of "
+                   "--draft int8, which it cannot use (default opt-125m; tiny with --quick)")
     p.add_argument("--peers", default="transformers,ctranslate2",
                    help="comma-separated peers; '' or 'none' for none")
     p.add_argument("--only-flagopt", action="store_true", help="no peers")
@@ -98,6 +104,12 @@ def _defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     if bad:
         p.error(f"--dtypes {bad}: expected float32, float16 or bfloat16")
     args.int8_compute_dtype = args.int8_compute_dtype or ("float16" if cuda else "bfloat16")
+    args.draft = _csv(args.draft)
+    for name in args.draft:
+        if name != "int8":
+            checkpoints.model_spec(name)
+    args.hf_assistant = args.hf_assistant or ("tiny" if quick else "opt-125m")
+    checkpoints.model_spec(args.hf_assistant)
     peers = [] if args.only_flagopt else \
         [x for x in _csv(args.peers) if x.lower() != "none"]
     if any(x not in ENGINES[1:] for x in peers):
@@ -304,7 +316,47 @@ def model_settings(args: argparse.Namespace, name: str) -> dict:
     }
 
 
-def plan_model(args: argparse.Namespace, name: str, checkpoint: Path) -> list[dict]:
+def draft_models(args: argparse.Namespace) -> list[str]:
+    """The checkpoints speculative runs need as drafts (flagopt's and transformers')."""
+    names = [d for d in args.draft if d != "int8"]
+    if "int8" in args.draft and "transformers" in args.peers:
+        names.append(args.hf_assistant)
+    return list(dict.fromkeys(names))
+
+
+def speculative_configs(args: argparse.Namespace, drafts: dict[str, Path]
+                        ) -> dict[str, list[dict]]:
+    """flagopt with each ``--draft`` and transformers' assisted generation with the same
+    draft model (with ``--hf-assistant`` for the int8 self-draft), per dtype; batch-1 only
+    (assisted generation takes one sequence)."""
+    metrics = [m for m in ("ttft", "decode") if m in args.metrics] or ["ttft", "decode"]
+    flag, peer = [], []
+    for d in args.dtypes:
+        for draft in args.draft:
+            if draft == "int8":
+                spec = {"kind": "int8", "compute_dtype": args.int8_compute_dtype}
+                label = f"{d} + draft int8 ({args.int8_compute_dtype} act.)"
+                assistant = args.hf_assistant
+            else:
+                spec = {"kind": "model", "name": draft, "checkpoint": _path(drafts, draft)}
+                label, assistant = f"{d} + draft {draft}", draft
+            flag.append(dict(variant=f"{d}+draft-{draft}", label=label, compute_dtype=d,
+                             draft=spec, metrics=metrics))
+            hf = dict(engine="transformers", variant=f"{d}+assistant-{assistant}",
+                      label=f"{d} + assistant {assistant}", compute_dtype=d, metrics=metrics,
+                      draft={"kind": "model", "name": assistant,
+                             "checkpoint": _path(drafts, assistant)})
+            if "transformers" in args.peers and hf not in peer:
+                peer.append(hf)
+    return {"flagopt": flag, "transformers": peer}
+
+
+def _path(drafts: dict[str, Path], name: str) -> str | None:
+    return str(drafts[name]) if name in drafts else None
+
+
+def plan_model(args: argparse.Namespace, name: str, checkpoint: Path,
+               drafts: dict[str, Path] | None = None) -> list[dict]:
     """Every (engine, variant) configuration of one model, interleaved across engines."""
     spec = checkpoints.model_spec(name)
     settings = model_settings(args, name)
@@ -315,11 +367,14 @@ def plan_model(args: argparse.Namespace, name: str, checkpoint: Path) -> list[di
     if args.quantize:
         flag.append(dict(variant="int8", label=f"int8 ({args.int8_compute_dtype} act.)",
                          compute_dtype=args.int8_compute_dtype, quantize=args.quantize))
+    speculative = speculative_configs(args, drafts or {})
+    flag += speculative["flagopt"]
     per_engine["flagopt"] = [dict(c, engine="flagopt", options=args.flagopt_options)
                              for c in flag]
     if "transformers" in args.peers:
         per_engine["transformers"] = [dict(engine="transformers", variant=d, label=d,
                                            compute_dtype=d) for d in args.dtypes]
+        per_engine["transformers"] += speculative["transformers"]
     if "ctranslate2" in args.peers:
         variants = list(dict.fromkeys([*args.dtypes, "int8"]))
         per_engine["ctranslate2"] = [dict(engine="ctranslate2", variant=v, label=v,
@@ -338,7 +393,10 @@ def _config(args: argparse.Namespace, name: str, spec: checkpoints.ModelSpec,
     config = {"engine": engine, "model": name, "variant": variant,
               "label": worker_spec["label"], "spec": worker_spec, "status": "pending",
               "reason": None, "samples": [], "failures": [], "median": {}}
-    reason = memory_guard(args, name, variant)
+    reason = memory_guard(args, name, variant.split("+")[0])  # "float32+draft-int8" too
+    draft = worker_spec.get("draft") or {}
+    if reason is None and draft.get("kind") == "model" and not draft.get("checkpoint"):
+        reason = f"the draft checkpoint {draft['name']} could not be prepared"
     if reason is None and engine == "ctranslate2":
         reason = ct2_unavailable(args, variant)
         if reason is None:
@@ -434,11 +492,52 @@ def finish(args: argparse.Namespace, doc: dict, configs: list[dict]) -> dict:
         c["spread"] = report.spreads(c["samples"])
         top, frac = report.ceiling(c, doc["membw"]["median"].get("read_gb_s"))
         c["median"]["ceiling_tok_s"], c["median"]["fraction_of_ceiling"] = top, frac
+    for model in args.models:
+        reference = doc.get("reference_tokens", {}).get(model)
+        for c in (c for c in configs if c["model"] == model):
+            c["same_tokens"] = same_tokens(c, reference)
     keys = {"b0": args.batch_sizes[0], "b1": args.batch_sizes[-1], "p": args.prefill_len}
     doc["configs"] = configs
     doc["ratios"] = {m: report.ratios([c for c in configs if c["model"] == m], keys)
                      for m in args.models}
     return doc
+
+
+def _tokens(config: dict) -> list[int] | None:
+    return next((s["tokens"] for s in config["samples"] if "tokens" in s), None)
+
+
+def reference_tokens(args: argparse.Namespace, configs: list[dict], model: str
+                     ) -> list[int] | None:
+    """transformers' float32 greedy tokens of the batch-1 prompt: from its configuration in
+    this run, else from a worker of its own (None when transformers cannot run)."""
+    for c in configs:
+        if (c["model"], c["engine"], c["variant"]) == (model, "transformers", "float32"):
+            tokens = _tokens(c)
+            if tokens is not None:
+                return tokens
+    base = next((c["spec"] for c in configs if c["model"] == model), None)
+    if base is None:
+        return None
+    spec = dict(base, engine="transformers", variant="float32", label="float32",
+                compute_dtype="float32", metrics=["ttft", "decode"])
+    for key in ("draft", "options", "quantize", "ct2_model", "ct2_compute_type"):
+        spec.pop(key, None)
+    log(f"transformers float32 greedy tokens of {model} for the 'same tokens' column ...")
+    result = run_worker(spec, args.timeout, args.threads)
+    return result.get("tokens") if result["status"] == "ok" else None
+
+
+def same_tokens(config: dict, reference: list[int] | None) -> dict | None:
+    """Whether a configuration's batch-1 greedy tokens are transformers' float32 ones, and
+    the first position where they differ."""
+    tokens = _tokens(config)
+    if tokens is None or reference is None:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
+    if first is None and len(tokens) != len(reference):
+        first = min(len(tokens), len(reference))
+    return {"same": first is None, "first_difference": first}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
            "model_settings": {}, "model_errors": {},
            "membw": {"samples": [], "failures": []}}
     configs: list[dict] = []
+    drafts: dict[str, Path] = {}
+    for name in draft_models(args):
+        try:
+            drafts[name] = prepare_checkpoint(args, name)
+        except (OSError, RuntimeError) as exc:
+            log(f"draft {name}: not prepared: {exc}")
     for name in args.models:
         doc["model_settings"][name] = model_settings(args, name)
         try:
@@ -460,9 +565,12 @@ def main(argv: list[str] | None = None) -> int:
             doc["model_errors"][name] = str(exc)
             log(f"{name}: not run: {exc}")
             continue
-        configs += plan_model(args, name, checkpoint)
+        configs += plan_model(args, name, checkpoint, drafts)
     for repeat in range(args.repeats):
         run_round(args, configs, repeat, doc)
+    doc["reference_tokens"] = {name: reference_tokens(args, configs, name)
+                               for name in args.models if name not in doc["model_errors"]
+                               and "transformers" in args.peers}
     finish(args, doc, configs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,14 @@ Each adapter takes prompts as lists of token ids (every engine gets the same one
 - ``stream(prompt, n)``: batch-1 greedy generation of exactly ``n`` tokens, returning the
   time to the first token and the time of the remaining ``n - 1``;
 - ``generate(prompts, n)``: one batched greedy call of exactly ``n`` new tokens per row;
-- ``prefill(prompt)``: one forward pass over the prompt that yields next-token logits.
+- ``prefill(prompt)``: one forward pass over the prompt that yields next-token logits;
+- ``last_tokens``: the ids ``stream`` generated (the report's "same tokens" column compares
+  them with transformers' float32 greedy tokens), and ``acceptance`` (speculative runs: the
+  share of draft tokens the target agreed with, else None).
+
+Speculative decoding (``spec["draft"]``): flagopt with ``draft=`` (``{"kind": "int8"}``, the
+target's own int8 weights, or ``{"kind": "model", "checkpoint": ...}``), transformers with
+``assistant_model=`` (assisted generation, batch 1 only; a model draft).
 
 End-of-sequence never stops a run early: flagopt gets no EOS ids, transformers
 ``min_new_tokens = max_new_tokens``, CTranslate2 ``min_length = max_length``; and every call
@@ -54,6 +61,9 @@ class _TorchEngine:
         self.device = torch.device(spec["device"])
         self.dtype = getattr(torch, spec["compute_dtype"])
         self.model = None
+        self.draft = None
+        self.last_tokens: list[int] = []
+        self.acceptance: float | None = None
 
     def ids(self, prompts: list[list[int]]):
         return self.torch.tensor(prompts, dtype=self.torch.long, device=self.device)
@@ -126,6 +136,17 @@ class FlagoptEngine(_TorchEngine):
             if any(f"'{k}'" in str(exc) for k in kwargs):
                 raise Unavailable(f"load_pretrained rejected its arguments: {exc}") from exc
             raise
+        draft = self.spec.get("draft")
+        if draft is None:
+            return
+        if "draft" not in inspect.signature(self._iter).parameters:
+            raise Unavailable("iter_generate has no draft= parameter in this checkout")
+        if draft["kind"] == "int8":  # built from the loaded weights: part of the load
+            from flagopt.predictor.speculative import int8_draft
+            self.draft = int8_draft(self.model, getattr(self.torch, draft["compute_dtype"]))
+        else:
+            self.draft = self._load(draft["checkpoint"], dtype=self.dtype, device=self.device)
+        self.gen_kwargs["draft"] = self.draft
 
     def _gen(self, n: int):
         return self._params(max_new_tokens=n, strategy="greedy", eos_token_ids=())
@@ -135,7 +156,13 @@ class FlagoptEngine(_TorchEngine):
         self.sync()
         start = time.perf_counter()
         count, first = 0, 0.0
-        for _ in self._iter(self.model, ids, None, self._gen(n), **self.gen_kwargs):
+        steps = self._iter(self.model, ids, None, self._gen(n), **self.gen_kwargs)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result = done.value
+                break
             count += 1
             if count == 1:
                 self.sync()
@@ -143,6 +170,9 @@ class FlagoptEngine(_TorchEngine):
         self.sync()
         end = time.perf_counter()
         _check_count(self.name, [count], n)
+        self.last_tokens = result.new_tokens[0]
+        stats = getattr(result, "speculative", None)
+        self.acceptance = None if stats is None else stats.rate
         return first - start, end - first
 
     def generate(self, prompts: list[list[int]], n: int) -> None:
@@ -170,31 +200,47 @@ class TransformersEngine(_TorchEngine):
             self._cls, self._error = None, exc
 
     def unavailable(self) -> str | None:
-        return None if self._error is None else f"transformers is not importable ({self._error})"
+        if self._error is not None:
+            return f"transformers is not importable ({self._error})"
+        if (self.spec.get("draft") or {}).get("kind") == "int8":
+            return "transformers' assisted generation takes a model, not flagopt's int8 draft"
+        return None
 
     def load(self) -> None:
-        model = self._cls.from_pretrained(self.spec["checkpoint"], dtype=self.dtype,
+        self.model = self._from_pretrained(self.spec["checkpoint"])
+        draft = self.spec.get("draft")
+        if draft is not None:
+            self.draft = self._from_pretrained(draft["checkpoint"])
+
+    def _from_pretrained(self, checkpoint: str):
+        model = self._cls.from_pretrained(checkpoint, dtype=self.dtype,
                                           attn_implementation="sdpa")
-        self.model = model.to(self.device).eval()
+        return model.to(self.device).eval()
 
     def _kwargs(self, ids, n: int) -> dict:
-        return dict(input_ids=ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
-                    max_new_tokens=n, min_new_tokens=n, pad_token_id=1)
+        kwargs = dict(input_ids=ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
+                      max_new_tokens=n, min_new_tokens=n, pad_token_id=1)
+        if self.draft is not None:
+            kwargs["assistant_model"] = self.draft
+        return kwargs
 
     def stream(self, prompt: list[int], n: int) -> tuple[float, float]:
         from transformers.generation.streamers import BaseStreamer
 
         class Clock(BaseStreamer):
-            """generate() puts the prompt first, then each new token (already on the host)."""
+            """generate() puts the prompt first, then the new tokens (already on the host):
+            one per put, or several at once in assisted generation."""
 
             def __init__(self) -> None:
                 self.times: list[float] = []
                 self.puts = 0
+                self.tokens = 0
 
             def put(self, value) -> None:
                 self.puts += 1
                 if self.puts > 1:
                     self.times.append(time.perf_counter())
+                    self.tokens += value.numel()
 
             def end(self) -> None:
                 pass
@@ -208,7 +254,8 @@ class TransformersEngine(_TorchEngine):
         self.sync()
         end = time.perf_counter()
         _check_count(self.name, [out.shape[1] - ids.shape[1]], n)
-        _check_count(self.name, [len(clock.times)], n)
+        _check_count(self.name, [clock.tokens], n)
+        self.last_tokens = out[0, ids.shape[1]:].tolist()
         return clock.times[0] - start, end - clock.times[0]
 
     def generate(self, prompts: list[list[int]], n: int) -> None:
@@ -235,6 +282,8 @@ class CTranslate2Engine:
         self.spec = spec
         self.generator = None
         self.vocab: list[str] = []
+        self.last_tokens: list[int] = []
+        self.acceptance: float | None = None
 
     def unavailable(self) -> str | None:
         try:
@@ -283,6 +332,7 @@ class CTranslate2Engine:
             **self._options(n))
         end = time.perf_counter()
         _check_count(self.name, [len(results[0].sequences_ids[0]), len(times)], n)
+        self.last_tokens = list(results[0].sequences_ids[0])
         return times[0] - start, end - times[0]
 
     def generate(self, prompts: list[list[int]], n: int) -> None:

@@ -122,6 +122,7 @@ def model_table(model: str, configs: list[dict], settings: dict, read_gb_s: floa
     head += ["% of ceiling"] + [f"batch {x} tok/s" for x in b]
     head += [f"prefill {settings['prefill_len']} tok/s", "TTFT ms", "load s",
              "load RSS ÷ weights", "peak RSS GB / weights GB"] + (["peak GPU GB"] if cuda else [])
+    head += ["same tokens", "draft accepted"]
     lines = [f"## {model}", ""] + ([note, ""] if note else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for c in configs:
@@ -144,8 +145,17 @@ def model_table(model: str, configs: list[dict], settings: dict, read_gb_s: floa
                 f"{_gb(m.get('peak_rss_end_bytes'))} / {_gb(m.get('weights_bytes'))}"]
         if cuda:
             row.append(_gb(m.get("gpu_max_allocated_end_bytes")))
+        row += [_same(c.get("same_tokens")), "–" if m.get("acceptance_rate") is None
+                else f"{100 * m['acceptance_rate']:.0f}%"]
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _same(same: dict | None) -> str:
+    """Whether the batch-1 greedy tokens are transformers' float32 ones."""
+    if same is None:
+        return "–"
+    return "yes" if same["same"] else f"no (from token {same['first_difference']})"
 
 
 def _load_rss(m: dict) -> str:

@@ -155,6 +155,9 @@ def _timings(engine, spec: dict) -> dict:
     if "ttft" in metrics or "decode" in metrics:
         ttft, decode = engine.stream(prompts(1, prompt_len, seed)[0], n)
         out["ttft_s"] = ttft
+        out["tokens"] = list(engine.last_tokens)  # compared with transformers' float32 ones
+        if engine.acceptance is not None:
+            out["acceptance_rate"] = engine.acceptance
         if n > 1:
             out["decode_s"] = decode
             out["decode_tok_s"] = (n - 1) / decode

@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"),
                      help="KV cache dtype (default: the model's); float32 with a half-precision "
                           "model on CPU is often faster and changes the numbers slightly")
+    gen.add_argument("--draft", metavar="NAME|int8",
+                     help="speculative decoding (greedy, sampling): a smaller OPT sharing the "
+                          "tokenizer (registry name, repo id or directory, e.g. opt-125m-en) "
+                          "proposes tokens, or 'int8' for the model's own weights in int8; "
+                          "the same output as without it")
     gen.add_argument("--endpoint", help="hub mirror (default $FLAGOPT_ENDPOINT or the hub)")
     gen.add_argument("--offline", action="store_true", help="never use the network")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or notices")
@@ -177,6 +182,7 @@ def _checked(args: argparse.Namespace) -> tuple[dict, dict]:
     from flagopt.auto_model.auto_loader import resolve_device, resolve_dtype
     from flagopt.predictor import GenerationParams
     from flagopt.predictor.params import check
+    from flagopt.predictor.strategies import STRATEGIES
 
     # Every number given is checked, whether or not the strategy uses it.
     for name in ("input_max_length", "num_beams", "top_k", "top_p", "temperature",
@@ -189,6 +195,13 @@ def _checked(args: argparse.Namespace) -> tuple[dict, dict]:
                          f"--strategy {args.strategy}")
     params = _params(args)
     GenerationParams(**params, caller_names=FLAGS)
+    if args.draft is not None and not STRATEGIES[params["strategy"]].draft:
+        takes = " or ".join(n for n, s in STRATEGIES.items() if s.draft)
+        raise ValueError(f"--draft applies to --strategy {takes}, not --strategy "
+                         f"{params['strategy']}")
+    if args.draft == "int8" and args.quantize is not None:
+        raise ValueError("--draft int8 drafts with the model's own weights in int8, so the "
+                         "model itself must be full precision: drop --quantize")
     device = resolve_device(args.device)
     if device.type == "meta":
         raise ValueError(f"--device {args.device} holds no weights; use cpu or cuda")
@@ -235,8 +248,11 @@ def _generate(args: argparse.Namespace) -> int:
     from flagopt.predictor import Predictor
 
     loader = AutoLoader("lm", args.model, **options)
+    draft = args.draft
+    if draft is not None and draft != "int8":
+        draft = AutoLoader("lm", draft, **options).get_model()
     predictor = Predictor(loader.get_model(), loader.get_tokenizer(), compile=args.compile,
-                          cache_dtype=args.cache_dtype)
+                          cache_dtype=args.cache_dtype, draft=draft)
     out, status = sys.stdout, 0
     escape = escape_line if args.prompt is None else (lambda text: text)
     for number, prompt in _prompts(args):

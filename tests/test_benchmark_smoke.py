@@ -75,6 +75,28 @@ def test_sharded_int8_only_flagopt_path(tmp_path):
     assert "int8" in md
 
 
+def test_speculative_mode_with_its_assisted_generation_peer(tmp_path):
+    """--draft int8: flagopt's self-draft, transformers' assisted generation with the
+    --hf-assistant model as its peer, the acceptance and the "same tokens" column."""
+    pytest.importorskip("transformers")
+    doc, md = run_bench(tmp_path, "--peers", "transformers", "--dtypes", "float32",
+                        "--draft", "int8", "--hf-assistant", "tiny", "--metrics", "decode")
+    configs = {(c["engine"], c["variant"]): c for c in doc["configs"]}
+    assert set(configs) == {("flagopt", "float32"), ("transformers", "float32"),
+                            ("flagopt", "float32+draft-int8"),
+                            ("transformers", "float32+assistant-tiny")}
+    for key, config in configs.items():
+        assert config["status"] == "ok", (key, config["reason"], config["failures"])
+        assert config["median"]["decode_tok_s"] > 0
+        # Greedy with or without a draft: transformers' float32 tokens.
+        assert config["same_tokens"] == {"same": True, "first_difference": None}, key
+    assert 0 <= configs["flagopt", "float32+draft-int8"]["median"]["acceptance_rate"] <= 1
+    assert "acceptance_rate" not in configs["transformers", "float32+assistant-tiny"]["median"]
+    assert "| flagopt | float32 + draft int8 (bfloat16 act.) |" in md
+    assert "| transformers | float32 + assistant tiny |" in md
+    assert "same tokens" in md and "draft accepted" in md
+
+
 def test_failing_worker_is_reported_with_its_stderr(tmp_path):
     spec = importlib.util.spec_from_file_location("bench", BENCH)
     bench = importlib.util.module_from_spec(spec)

@@ -15,8 +15,9 @@ Three implementations:
 
 - ``KVCache``: preallocated ``(layers, batch, heads, capacity, head_dim)`` buffers, one length
   for all rows held on the host; ``update`` writes at ``length`` and returns the filled prefix
-  (shapes grow by one per step). Also ``reset``, ``reorder`` (beam search) and
-  ``copy_rows_from`` (one prompt's cache into N rows).
+  (shapes grow by one per step). Also ``reset``, ``truncate`` (speculative decoding drops
+  rejected positions), ``reorder`` (beam search) and ``copy_rows_from`` (one prompt's cache
+  into N rows).
 - ``StaticCacheView``: the same buffers seen by a static-shape step (``torch.compile``, CUDA
   graphs): ``update`` writes at a *tensor* slot and returns the whole capacity, so no shape
   depends on the step; the key mask hides the unfilled slots. Its owner moves the slot.
@@ -87,7 +88,8 @@ class KVCache(KVBuffers):
 
     ``dtype`` is the storage dtype; keys and values are converted to it when written.
     API: ``update`` (write one layer's new keys/values, get the filled prefix back),
-    ``advance`` (count the positions a forward pass added), ``reset``, ``reorder`` (beam
+    ``advance`` (count the positions a forward pass added), ``reset``, ``truncate``
+    (drop the newest positions), ``reorder`` (beam
     search: gather rows by index, in place) and ``copy_rows_from`` (copy each prompt's cache
     into N consecutive rows).
     """
@@ -123,6 +125,18 @@ class KVCache(KVBuffers):
     def reset(self) -> None:
         """Forget every position (the memory is kept for reuse)."""
         self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (speculative decoding's rollback of
+        rejected draft tokens); the memory is kept and the next write lands at ``length``.
+
+        Raises:
+            ValueError: ``length`` is negative or more than the positions filled.
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}; "
+                             f"expected 0 <= length <= {self.length}")
+        self.length = length
 
     def reorder(self, index: torch.Tensor) -> None:
         """Make row ``i`` a copy of row ``index[i]`` in every layer (beam search), in place."""

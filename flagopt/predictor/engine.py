@@ -45,6 +45,7 @@ class GenerationResult:
     new tokens of row i including a final EOS. ``token_scores`` (greedy, sampling,
     contrastive) are the log-probabilities of the chosen tokens under the processed
     distribution; ``sequence_scores`` are their sums, or the beam scores for beam search.
+    ``speculative`` holds the draft's acceptance figures when a draft model took part.
     """
 
     sequences: torch.Tensor
@@ -53,12 +54,36 @@ class GenerationResult:
     finish_reasons: list[str]
     sequence_scores: torch.Tensor
     token_scores: torch.Tensor | None = None
+    speculative: "SpeculativeStats | None" = None
 
     @property
     def new_tokens(self) -> list[list[int]]:
         """Each row's generated ids (EOS included when it ended on one)."""
         rows = self.sequences[:, self.prompt_length:].tolist()
         return [row[:n] for row, n in zip(rows, self.num_generated)]
+
+
+@dataclass
+class SpeculativeStats:
+    """How a draft model fared in one ``generate`` call (speculative decoding).
+
+    Attributes:
+        proposed: draft tokens proposed, summed over the rows still decoding.
+        accepted: of those, the ones the target agreed with (each row's own agreeing prefix).
+        kept: the ones emitted as proposed; less than ``accepted`` in a batch, whose rows
+            advance together by the shortest agreeing prefix.
+        rounds: target forward passes that verified proposals.
+    """
+
+    proposed: int = 0
+    accepted: int = 0
+    kept: int = 0
+    rounds: int = 0
+
+    @property
+    def rate(self) -> float:
+        """``accepted / proposed`` (0.0 before any proposal)."""
+        return self.accepted / self.proposed if self.proposed else 0.0
 
 
 @dataclass
@@ -88,6 +113,15 @@ class DecodeState:
         mask = None if self.mask is None else self.mask[:, :end]
         out = self.model(input_ids, attention_mask=mask, cache=self.cache, logits_to_keep=1)
         return out.logits[:, -1]
+
+    def forward_all(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the model on ``input_ids`` (R, t) after what the cache holds; the logits of
+        all t positions (R, t, V) (speculative decoding verifies t tokens at once)."""
+        t = input_ids.shape[1]
+        end = self.cache.length + t
+        mask = None if self.mask is None else self.mask[:, :end]
+        return self.model(input_ids, attention_mask=mask, cache=self.cache,
+                          logits_to_keep=t).logits
 
     def _static_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         slot = self.cache.length

@@ -17,6 +17,7 @@ from flagopt.predictor.contrastive import ContrastiveChooser
 from flagopt.predictor.engine import Chooser, GenerationResult, check_cache_dtype, \
     decode_steps, start_state
 from flagopt.predictor.params import GenerationParams
+from flagopt.predictor.speculative import SpeculativeChooser, check_draft
 from flagopt.predictor.stopping import StopStrings, max_new_tokens_allowed
 from flagopt.predictor.strategies import STRATEGIES
 
@@ -53,7 +54,8 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None, params: GenerationParams, *,
                   decode: Callable[[list[int]], str] | None = None,
                   check_every: int | None = None, compile: bool = False,
-                  cache_dtype: torch.dtype | str | None = None
+                  cache_dtype: torch.dtype | str | None = None,
+                  draft: nn.Module | str | None = None
                   ) -> Generator[torch.Tensor, None, GenerationResult]:
     """Yield each step's new tokens (one per cache row); return the ``GenerationResult``.
 
@@ -71,14 +73,30 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
         cache_dtype: the KV cache's dtype; None (default) is the model's own, the
             reference's numerics. ``torch.float32`` for a bf16/fp16 model on CPU is often
             faster there and changes the numbers slightly.
+        draft: speculative decoding (``speculative.py``) with this draft model, or
+            ``"int8"`` for the target's own weights in int8: greedy gives the same tokens,
+            sampling the same distribution, as without a draft. Greedy and sampling only;
+            runs eagerly (``compile`` is not used). The result's ``speculative`` holds the
+            acceptance figures.
+
+    Raises:
+        ValueError: a draft with a strategy that cannot use one, or a draft that does not
+            fit the model (see ``speculative.check_draft``).
     """
     attention_mask = check_inputs(model, input_ids, attention_mask)
     cache_dtype = check_cache_dtype(cache_dtype)
     max_new = max_new_tokens_allowed(input_ids.shape[1], params.max_new_tokens,
                                      model.config.max_position_embeddings)
+    strategy = STRATEGIES[params.strategy]
+    if draft is not None:
+        if not strategy.draft:
+            takes = ", ".join(repr(n) for n, s in STRATEGIES.items() if s.draft)
+            raise ValueError(f"strategy={params.strategy!r} cannot use a draft model; "
+                             f"speculative decoding supports {takes}")
+        draft = check_draft(model, draft)
+        compile = False  # verification runs several positions per forward: eager steps
     if max_new == 0:
         return _nothing(input_ids.repeat_interleave(params.num_return_sequences, 0))
-    strategy = STRATEGIES[params.strategy]
     stops = None
     if params.stop and strategy.stop_strings:
         if decode is None:
@@ -90,7 +108,9 @@ def iter_generate(model: nn.Module, input_ids: torch.Tensor,
         state = start_state(model, input_ids, attention_mask, max_new,
                             params.rows_per_prompt, compile=compile and strategy.compile,
                             cache_dtype=cache_dtype)
-        chooser = CHOOSERS[params.strategy](params, state, model.config.pad_token_id)
+        pad = model.config.pad_token_id
+        chooser = CHOOSERS[params.strategy](params, state, pad) if draft is None else \
+            SpeculativeChooser(params, state, pad, draft)
     yield from _each_step_in_inference_mode(decode_steps(state, chooser, stops, check_every))
     with torch.inference_mode():
         return chooser.result(state)

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flagopt.predictor.engine import GenerationResult, check_cache_dtype
+from flagopt.predictor.engine import GenerationResult, SpeculativeStats, check_cache_dtype
 from flagopt.predictor.generation import drain, iter_generate
 from flagopt.predictor import scoring
 from flagopt.predictor.params import GenerationParams, check
 from flagopt.predictor.scoring import LogLikelihood, PerplexityResult, TextScore
+from flagopt.predictor.speculative import check_draft
 from flagopt.predictor.stopping import cut_at_stop
 from flagopt.predictor.strategies import STRATEGIES
 from flagopt.tokenizer import OPTTokenizer
@@ -84,7 +85,8 @@ class Predictor:
     """Generation with an OPT causal LM and its tokenizer (FlagAI-compatible methods)."""
 
     def __init__(self, model: nn.Module, tokenizer: OPTTokenizer, *,
-                 compile: bool = False, cache_dtype: torch.dtype | str | None = None) -> None:
+                 compile: bool = False, cache_dtype: torch.dtype | str | None = None,
+                 draft: nn.Module | str | None = None) -> None:
         """Args:
             model: an ``OPTForCausalLM``.
             tokenizer: its ``OPTTokenizer``.
@@ -94,6 +96,12 @@ class Predictor:
             cache_dtype: the KV cache's dtype (float32, float16, bfloat16); None is the
                 model's own. float32 for a half-precision model on CPU is often faster
                 and changes the numbers slightly.
+            draft: speculative decoding for greedy and sampling: a smaller OPT over the
+                same tokenizer (an ``OPTForCausalLM`` on the same device), or ``"int8"`` for
+                the target's own weights quantized to int8 (built here, no download).
+                Greedy output is token-for-token the output without a draft, sampling has
+                the target's distribution; beam and contrastive search refuse a draft.
+                ``last_speculative_stats`` holds the latest call's acceptance figures.
         """
         if not hasattr(model, "lm_head"):
             raise TypeError(f"Predictor needs a causal LM (OPTForCausalLM), got "
@@ -107,6 +115,8 @@ class Predictor:
         self.tokenizer = tokenizer
         self.compile = compile
         self.cache_dtype = check_cache_dtype(cache_dtype)
+        self.draft = None if draft is None else check_draft(model, draft)
+        self.last_speculative_stats: SpeculativeStats | None = None
 
     # --- FlagAI's methods ------------------------------------------------------------------
 
@@ -194,7 +204,7 @@ class Predictor:
         enc = self._encode([text], input_max_length)
         steps = iter_generate(self.model, enc.input_ids, enc.attention_mask, gen,
                               decode=self.tokenizer.decode, compile=self.compile,
-                              cache_dtype=self.cache_dtype)
+                              cache_dtype=self.cache_dtype, draft=self._draft_for(gen))
         yield from StopAwareStream(self.tokenizer, gen.stop).run(steps)
 
     # --- scoring (flagopt/predictor/scoring.py) -----------------------------------------------
@@ -280,9 +290,19 @@ class Predictor:
         enc = self._encode(texts, input_max_length)
         steps = iter_generate(self.model, enc.input_ids, enc.attention_mask, gen,
                               decode=self.tokenizer.decode, compile=self.compile,
-                              cache_dtype=self.cache_dtype)
+                              cache_dtype=self.cache_dtype, draft=self._draft_for(gen))
         result = drain(steps)
+        self.last_speculative_stats = result.speculative
         return GenerateOutput(self._decode(result, enc.truncated, gen), result, enc.truncated)
+
+    def _draft_for(self, gen: GenerationParams) -> nn.Module | None:
+        """The draft for ``gen``'s strategy; a strategy that cannot use one raises."""
+        if self.draft is not None and not STRATEGIES[gen.strategy].draft:
+            takes = ", ".join(repr(n) for n, s in STRATEGIES.items() if s.draft)
+            raise ValueError(f"strategy={gen.strategy!r} cannot use this Predictor's draft "
+                             f"model; speculative decoding supports {takes} (make a "
+                             f"Predictor without draft= for it)")
+        return self.draft
 
     def _encode(self, texts: list[str], input_max_length: int):
         """Tokenize, keeping each prompt's last tokens: at most ``input_max_length`` of them,

@@ -24,6 +24,8 @@ class Strategy:
         stop_strings: stop strings end rows while decoding (else the text is cut after).
         compile: its one-token steps can run through ``torch.compile``.
         streaming: ``Predictor.stream`` yields text as it is made (else all at the end).
+        draft: speculative decoding with a draft model (``speculative.py``) keeps its
+            output exactly (greedy: the same tokens; sampling: the same distribution).
     """
 
     rows_field: str
@@ -32,17 +34,20 @@ class Strategy:
     stop_strings: bool
     compile: bool
     streaming: bool
+    draft: bool
 
 
 STRATEGIES: dict[str, Strategy] = {
     "greedy": Strategy("num_return_sequences", many_returns=False, samples=False,
-                       stop_strings=True, compile=True, streaming=True),
+                       stop_strings=True, compile=True, streaming=True, draft=True),
     "sample": Strategy("num_return_sequences", many_returns=True, samples=True,
-                       stop_strings=True, compile=True, streaming=True),
+                       stop_strings=True, compile=True, streaming=True, draft=True),
     # Beams are re-ranked to the end: stop strings cut the final text, nothing streams.
     "beam": Strategy("num_beams", many_returns=True, samples=False,
-                     stop_strings=False, compile=True, streaming=False),
+                     stop_strings=False, compile=True, streaming=False, draft=False),
+    # Beams and candidates choose among several continuations per step, not one token that a
+    # draft could guess: neither takes a draft.
     # The candidates' forward pass returns hidden states: it runs eagerly.
     "contrastive": Strategy("top_k", many_returns=False, samples=False,
-                            stop_strings=True, compile=False, streaming=True),
+                            stop_strings=True, compile=False, streaming=True, draft=False),
 }
