@@ -73,7 +73,7 @@ def load_pretrained(directory: str | os.PathLike,
         raise ValueError(f"quantize={quantize!r}; expected None or one of {QUANTIZE_MODES}")
     files = checkpoint.find_weight_files(directory)
     _check_config_fits(config, checkpoint.read_layouts(files), directory)
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"), no_init():
         model = model_class(config, attn_implementation=attn_implementation)
     assign_hook = None
     read_dtype = dtype
@@ -118,7 +118,7 @@ _INIT_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _no_init() -> Iterator[None]:
+def no_init() -> Iterator[None]:
     """Skip random initialisation of modules built on the meta device.
 
     Initialising a meta tensor computes nothing, but the first call costs about a second of
@@ -244,7 +244,7 @@ def fresh_model(model_class: type[nn.Module], config: OPTConfig, *, dtype: torch
     Returns:
         The model in eval mode.
     """
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"), no_init():
         model = model_class(config, attn_implementation=attn_implementation)
     for name, param in model.named_parameters():  # the tied head once, with the embedding
         _assign(model, name, fresh_tensor(model, name, param.shape, dtype=dtype, device=device,

@@ -203,7 +203,7 @@ def _hash(data: Any) -> str:
 def _meta_model(model_class: type[nn.Module], config: OPTConfig, attn_implementation: str,
                 quantize: str | None, dtype: torch.dtype) -> nn.Module:
     """The empty model as ``load_pretrained`` builds it before reading any tensor."""
-    with torch.device("meta"), loading._no_init():
+    with torch.device("meta"), loading.no_init():
         model = model_class(config, attn_implementation=attn_implementation)
     if quantize == "int8":
         int8_modules(model, dtype)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from flagopt.model.cache import KVCache
-from flagopt.model.loading import _no_init  # the loader's skip of meta-device init
+from flagopt.model.loading import no_init  # the loader's skip of meta-device init
 from flagopt.model.quantize import Int8Embedding, Int8Linear, int8_modules, \
     is_quantized_param, tie_int8
 from flagopt.predictor.engine import Chooser, DecodeState, GenerationResult, \
@@ -102,7 +102,7 @@ def int8_draft(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     own = next(p.dtype for p in model.parameters() if p.is_floating_point())
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cpu" and own == torch.float32 else own
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"), no_init():
         draft = type(model)(model.config, attn_implementation=model.model.attn_implementation)
         if model.model.decoder.layers[0].self_attn.qkv_proj is not None:
             draft.fuse_qkv()
