@@ -4,7 +4,9 @@ and in transformers / PEFT."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -196,10 +198,16 @@ def test_torchrun_two_processes(tmp_path, base):
            "--output", str(out)]
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
            "FLAGOPT_PREPARED_CACHE": "0"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # the launcher and its workers, all of them
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s: {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    summaries = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert summaries and all(s["step"] == 3 for s in summaries)
     assert (out / "adapter_model.safetensors").is_file()
 
