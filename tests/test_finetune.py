@@ -208,7 +208,7 @@ def test_torchrun_two_processes(tmp_path, base):
         pytest.fail(f"torchrun did not finish in 300 s: {stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
     summaries = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    assert summaries and all(s["step"] == 3 for s in summaries)
+    assert len(summaries) == 1 and summaries[0]["step"] == 3, stdout  # rank 0 reports
     assert (out / "adapter_model.safetensors").is_file()
 
 

@@ -93,9 +93,13 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    """Run one fine-tuning job from parsed arguments; prints the summary as a JSON line."""
+    """Run one fine-tuning job from parsed arguments; prints the summary as a JSON line
+    (rank 0 only under ``torchrun``)."""
+    from flagopt import settings
+
     summary = finetune(**_options(args))
-    print(json.dumps(summary, default=str), flush=True)
+    if (settings.get().rank or "0") == "0":  # under torchrun, one summary: rank 0's
+        print(json.dumps(summary, default=str), flush=True)
     return 0
 
 
