@@ -186,3 +186,39 @@ def test_serve_bench_reports_all_three_engines_on_a_tiny_model(tmp_path):
     assert doc["machine"]["cpu"] and doc["command"]
     assert "| flagopt-serve |" in proc.stdout and "| flagopt-static |" in proc.stdout
     assert "TTFT p99 ms" in proc.stdout
+
+
+# ---- benchmarks/finetune_bench.py -------------------------------------------------------------
+
+FINETUNE_BENCH = ROOT / "benchmarks" / "finetune_bench.py"
+
+
+def test_finetune_bench_trains_both_engines_on_the_same_curve(tmp_path):
+    """The tiny shape for 3 steps: both engines report, and their loss curves agree (same
+    blocks, order and initial adapter, dropout 0)."""
+    import math
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path / "finetune.json"
+    cmd = [sys.executable, str(FINETUNE_BENCH), "--quick", "--threads", "1",
+           "--work-dir", str(tmp_path / "work"), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    [run] = doc["runs"]
+    assert run["shape"] == "tiny" and set(run["engines"]) == {"flagopt", "transformers"}
+    curves = {}
+    for engine, result in run["engines"].items():
+        assert result["status"] == "ok", (engine, result["failures"])
+        curve = result["loss_curve"]
+        assert len(curve) == 3 and all(math.isfinite(x) for x in curve), (engine, curve)
+        assert result["tokens_per_s"] > 0 and result["peak_rss_gb"] > 0
+        curves[engine] = curve
+    # Step 1 runs at lr 0 (warm-up): the same start, and the same update after it.
+    lrs = run["engines"]["flagopt"]["lr_curve"]
+    assert lrs == pytest.approx(run["engines"]["transformers"]["lr_curve"]) and lrs[1] > 0
+    assert run["max_abs_loss_diff"] < 1e-3, curves
+    assert run["ratios"]["tokens_per_s"] > 0 and run["ratios"]["peak_rss"] > 0
+    assert run["target"]["met"] in (True, False)
+    assert "| flagopt |" in proc.stdout and "| transformers |" in proc.stdout

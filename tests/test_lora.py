@@ -52,6 +52,41 @@ def test_forward_adds_the_scaled_update(use_rslora: bool) -> None:
     torch.testing.assert_close(lora(x), expected)
 
 
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_update_is_added_by_one_addmm_with_the_reference_gradients() -> None:
+    """The float path adds ``scaling * h @ B^T`` inside one addmm (no separate scale and add
+    passes over the output), with the gradients of the plain formula."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    lora = LoRALinear(base, r=4, lora_alpha=6)
+    nn.init.normal_(lora.lora_B.weight)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with _OpCounter() as counter:
+        out = lora(x)
+    assert "mul" not in counter.ops and counter.ops.count("addmm") == 2, counter.ops
+    a, b = (w.detach().clone().requires_grad_() for w in (lora.lora_A.weight,
+                                                           lora.lora_B.weight))
+    x_ref = x.detach().clone().requires_grad_()
+    expected = base(x_ref) + 1.5 * (x_ref @ a.T @ b.T)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(lora.lora_A.weight.grad, a.grad)
+    torch.testing.assert_close(lora.lora_B.weight.grad, b.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert base.weight.grad is not None  # a plain nn.Linear base still trains if asked
+
 def test_merge_and_unmerge_keep_the_output() -> None:
     base = nn.Linear(16, 12)
     before = base.weight.detach().clone()

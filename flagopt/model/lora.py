@@ -130,9 +130,15 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        a = self.lora_A.weight
-        update = F.linear(F.linear(self.lora_dropout(x.to(a.dtype)), a), self.lora_B.weight)
-        return y + (update * self.scaling).to(y.dtype)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        h = F.linear(self.lora_dropout(x.to(a.dtype)), a)  # (..., r)
+        if y.dtype == b.dtype:
+            # y + scaling * h @ B^T as one addmm: no separate scale and add passes over
+            # (rows, out), forward or backward (as 2-D rows, see OPTForCausalLM.logits).
+            rows = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r), b.t(),
+                               alpha=self.scaling)
+            return rows.view(y.shape)
+        return y + (F.linear(h, b) * self.scaling).to(y.dtype)
 
     def merge(self) -> None:
         """Add the update into the base weight (in float32, then cast back).
