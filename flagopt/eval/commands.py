@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from flagopt.auto_model.cli_options import loader_options
 from flagopt.errors import ScoringError
 
 
@@ -45,17 +46,6 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or notices")
 
 
-def _loader_options(args: argparse.Namespace) -> dict:
-    options = {k: v for k, v in dict(dtype=args.dtype, endpoint=args.endpoint,
-                                     model_dir=args.model_dir, device=args.device).items()
-               if v is not None}
-    if args.offline:
-        options["offline"] = True
-    if args.quiet:
-        options["progress"] = False
-    return options
-
-
 def read_text(path: str) -> str:
     """The whole file as text.
 
@@ -82,7 +72,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     from flagopt.predictor import Predictor
 
     text = read_text(args.file)  # before any download
-    loader = AutoLoader("lm", args.model, **_loader_options(args))
+    loader = AutoLoader("lm", args.model, **loader_options(args))
     predictor = Predictor(loader.get_model(), loader.get_tokenizer())
     with tqdm(desc="perplexity", unit="window", disable=args.quiet, file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
@@ -110,7 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
     manager = TaskManager(include_path=args.include_path)
     harness.check_tasks(tasks, manager)  # before any download
     lm = harness.FlagOptLM.from_pretrained(args.model, batch_size=args.batch_size,
-                                           **_loader_options(args))
+                                           **loader_options(args))
     results = harness.evaluate(lm, tasks, manager, args.num_fewshot, limit)
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n",

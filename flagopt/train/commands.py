@@ -104,13 +104,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    loader = {k: v for k, v in dict(dtype=args.dtype, endpoint=args.endpoint,
-                                    model_dir=args.model_dir, device=args.device).items()
-              if v is not None}
-    if args.offline:
-        loader["offline"] = True
-    if args.quiet:
-        loader["progress"] = False
+    from flagopt.auto_model.cli_options import loader_options
+
+    loader = loader_options(args)
     lora = None
     if args.lora_r is not None:
         targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
