@@ -207,15 +207,19 @@ def _checked(args: argparse.Namespace) -> tuple[dict, dict]:
         raise ValueError(f"--device {args.device} holds no weights; use cpu or cuda")
     if args.dtype is not None:
         resolve_dtype({"dtype": args.dtype}, device)
-    options = {k: v for k, v in dict(dtype=args.dtype, quantize=args.quantize,
-                                     endpoint=args.endpoint, lora_dir=args.lora).items()
-               if v is not None}
+    options = _loader_options(args)
     options.update(model_dir=args.model_dir, device=device)
-    if args.offline:
-        options["offline"] = True
-    if args.quiet:
-        options["progress"] = False
     return params, options
+
+
+def _loader_options(args: argparse.Namespace) -> dict:
+    """AutoLoader options of ``generate`` / ``serve``: the shared ones plus quantize, LoRA."""
+    from flagopt.auto_model.cli_options import loader_options
+
+    options = loader_options(args, "quantize")
+    if args.lora is not None:
+        options["lora_dir"] = args.lora
+    return options
 
 
 def _prompts(args: argparse.Namespace) -> Iterator[tuple[int, str | None]]:
@@ -284,15 +288,7 @@ def _serve(args: argparse.Namespace) -> int:
     from flagopt.auto_model import AutoLoader
 
     template = read_chat_template(args.chat_template) if args.chat_template else None
-    options = {k: v for k, v in dict(dtype=args.dtype, quantize=args.quantize,
-                                     endpoint=args.endpoint, lora_dir=args.lora).items()
-               if v is not None}
-    if args.offline:
-        options["offline"] = True
-    if args.quiet:
-        options["progress"] = False
-    loader = AutoLoader("lm", args.model, model_dir=args.model_dir, device=args.device,
-                        **options)
+    loader = AutoLoader("lm", args.model, **_loader_options(args))
     name = args.served_model_name or args.model
     app = create_app(loader.get_model().eval(), loader.get_tokenizer(), served_model_name=name,
                      api_key=args.api_key, max_batch_size=args.max_batch_size,
