@@ -12,7 +12,7 @@ from flagopt.model.cache import KVCache
 from flagopt.model.config import OPTConfig
 from flagopt.model.quantize import Int8Linear
 from flagopt.predictor import GenerationParams, Predictor, generate
-from flagopt.predictor.speculative import accepted_prefix, emitted_tokens, int8_draft
+from flagopt.predictor.speculative import accepted_prefix, final_tokens, int8_draft
 from tests.conftest import VARIANTS, reference_pair, tiny_config
 from tests.test_cli import REPO, _expected, _no_loading, _one_error_line, _run, \
     served  # noqa: F401 (the served-checkpoint fixture)
@@ -173,7 +173,7 @@ def test_the_acceptance_rule_emits_the_target_distribution() -> None:
     accepted = accepted_prefix(p_rows, q_rows, drafts, g)
     expected_rate = torch.minimum(p, q).sum()  # P(accept) = sum_x min(p, q)
     assert abs(accepted.float().mean() - expected_rate) < 0.005
-    tokens = emitted_tokens(p_rows, q_rows, drafts, accepted, 0, g)[:, 0]
+    tokens = torch.where(accepted > 0, drafts[:, 0], final_tokens(p_rows, q_rows, drafts, accepted, g))
     freq = torch.bincount(tokens, minlength=vocab).float() / rows
     torch.testing.assert_close(freq, p, atol=0.005, rtol=0)
     # Without the residual draw (a rejected proposal kept anyway) the result is q, not p.

@@ -239,7 +239,10 @@ class SpeculativeChooser(Chooser):
         p = torch.stack([s.softmax(-1) for s in scores], 1)  # (R, k+1, V)
         accepted = accepted_prefix(p, q, drafts, self.generator)
         m = self._kept(accepted, drafts.shape[1], state)
-        return emitted_tokens(p, q, drafts, accepted, m, self.generator), accepted, m
+        last = final_tokens(p, q, drafts, accepted.clamp(max=m), self.generator)
+        if m < drafts.shape[1]:
+            last = torch.where(accepted > m, drafts[:, m], last)
+        return torch.cat([drafts[:, :m], last[:, None]], 1), accepted, m
 
     def _kept(self, agreed: torch.Tensor, k: int, state: DecodeState) -> int:
         """Proposals every unfinished row keeps (the batch's shortest agreeing prefix); also
@@ -272,24 +275,27 @@ def accepted_prefix(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tenso
     return _prefix(u * q_draft < p_draft)
 
 
-def emitted_tokens(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
-                   accepted: torch.Tensor, m: int, generator: torch.Generator | None
-                   ) -> torch.Tensor:
-    """The m + 1 tokens (R, m+1) every row emits, for m <= min(accepted) over the rows
-    that count: the first m proposals, then at position m the row's accepted proposal, or
-    where it was rejected a draw from ``norm(max(0, p - q))``, or after all k proposals a
-    draw from p. Each token is distributed as p at its position, given the ones before."""
+def final_tokens(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
+                 accepted: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The token (R,) each row emits after its own ``accepted`` proposals: where proposal
+    ``a = accepted[i]`` was rejected, a draw from ``norm(max(0, p_a - q_a))``; after all k
+    were accepted, a draw from ``p_k``. With the proposals kept before it, each emitted token
+    is distributed as p at its position, given the ones before (speculative sampling).
+
+    Args:
+        p: the target's distributions (R, k+1, V); q: the draft's (R, k, V), None for k = 0.
+        drafts: the proposals (R, k); accepted: each row's accepted prefix (R,) long.
+    """
     k = drafts.shape[1]
-    dist = p[:, m]
-    if m < k:
-        residual = (p[:, m] - q[:, m]).clamp(min=0)
-        # A rejection has residual mass > 0; a row of zeros (p == q) is never rejected.
-        rejected = (accepted == m)[:, None] & (residual.sum(-1, keepdim=True) > 0)
+    rows = torch.arange(p.shape[0], device=p.device)
+    dist = p[rows, accepted]  # (R, V)
+    if k:
+        at = accepted.clamp(max=k - 1)
+        residual = (dist - q[rows, at]).clamp(min=0)
+        # A rejection leaves residual mass > 0; a row of zeros (p == q) is never rejected.
+        rejected = (accepted < k)[:, None] & (residual.sum(-1, keepdim=True) > 0)
         dist = torch.where(rejected, residual, dist)
-    drawn = torch.multinomial(dist, 1, generator=generator)[:, 0]
-    if m < k:
-        drawn = torch.where(accepted > m, drafts[:, m], drawn)
-    return torch.cat([drafts[:, :m], drawn[:, None]], 1)
+    return torch.multinomial(dist, 1, generator=generator)[:, 0]
 
 
 def _prefix(agree: torch.Tensor) -> torch.Tensor:
