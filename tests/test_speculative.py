@@ -12,7 +12,8 @@ from flagopt.model.cache import KVCache
 from flagopt.model.config import OPTConfig
 from flagopt.model.quantize import Int8Linear
 from flagopt.predictor import GenerationParams, Predictor, generate
-from flagopt.predictor.speculative import accepted_prefix, final_tokens, int8_draft
+from flagopt.predictor import speculative
+from flagopt.predictor.speculative import K_MAX, accepted_prefix, final_tokens, int8_draft
 from tests.conftest import VARIANTS, reference_pair, tiny_config
 from tests.test_cli import REPO, _expected, _no_loading, _one_error_line, _run, \
     served  # noqa: F401 (the served-checkpoint fixture)
@@ -376,3 +377,69 @@ def test_non_finite_target_logits_still_raise_with_a_draft() -> None:
         target.model.decoder.embed_tokens.weight[third] = float("nan")
     with pytest.raises(NonFiniteLogitsError, match="position"):
         generate(target, ids, None, params, draft=target)
+
+
+# --- batches: each row keeps its own proposals ------------------------------------------------
+
+
+def test_each_row_of_a_batch_keeps_its_own_accepted_proposals() -> None:
+    """A draft that agrees with the target on row 0 everywhere and on row 1 except where
+    the target picks token X: row 1's rejections no longer hold row 0 back."""
+    import copy
+
+    target = _model(tiny_config(init_std=0.3, **SPEC_VARIANTS["untied"]), seed=0)
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    params = GenerationParams(max_new_tokens=40, eos_token_ids=())
+    plain = generate(target, ids, None, params)
+    first, second = plain.new_tokens
+    x = max((t for t in set(second) if t not in first), key=second.count)
+    assert second.count(x) >= 3  # row 1 rejects several times
+    draft = copy.deepcopy(target)
+    with torch.no_grad():  # X's logit becomes 0: below the (positive) maximum, never chosen
+        draft.lm_head.weight[x] = 0.0
+    spec = generate(target, ids, None, params, draft=draft)
+    _assert_same(plain, spec)
+    stats = spec.speculative
+    assert stats.accepted < stats.proposed  # row 1 rejected some
+    # Every accepted proposal is emitted, except past a row's last position (the final
+    # round of each row); the shortest-prefix rule would drop row 0's at every rejection.
+    assert stats.accepted - stats.kept <= 2 * K_MAX
+
+
+def test_compacting_the_holes_changes_no_token(monkeypatch) -> None:
+    """With no room for holes, every round compacts the caches: same greedy tokens as plain
+    decoding, and the same seeded samples as with room."""
+    calls = []
+    gather = KVCache.gather_slots
+    monkeypatch.setattr(KVCache, "gather_slots",
+                        lambda self, index: (calls.append(1), gather(self, index))[1])
+    target = _model(tiny_config(init_std=0.3), seed=0)
+    draft = int8_draft(target)  # agrees often, on each row for its own stretch
+    ids, mask = _padded_batch()
+    greedy = GenerationParams(max_new_tokens=40, repetition_penalty=1.3, eos_token_ids=())
+    sampled = GenerationParams(strategy="sample", top_k=20, max_new_tokens=40, seed=3)
+    roomy = generate(target, ids, mask, sampled, draft=draft)
+    assert not calls
+    monkeypatch.setattr(speculative, "HOLE_ROUNDS", 0)
+    _assert_same(generate(target, ids, mask, greedy),
+                 generate(target, ids, mask, greedy, draft=draft))
+    assert calls  # compaction ran
+    _assert_same(roomy, generate(target, ids, mask, sampled, draft=draft))
+
+
+def test_gather_slots_and_reserve() -> None:
+    cache = KVCache(2, 2, 1, 4, 1)
+    values = torch.arange(8.0).view(2, 1, 4, 1)  # row b, slot s: 4b + s
+    cache.update(0, values, values)
+    cache.update(1, values, -values)
+    cache.advance(4)
+    cache.reserve(10)
+    assert cache.capacity == 10 and cache.length == 4
+    cache.reserve(6)  # never shrinks
+    assert cache.capacity == 10
+    cache.gather_slots(torch.tensor([[0, 2, 3], [1, 3, 3]]))
+    assert cache.length == 3
+    assert cache.k[0, :, 0, :3, 0].tolist() == [[0, 2, 3], [5, 7, 7]]
+    assert cache.v[1, :, 0, :3, 0].tolist() == [[0, -2, -3], [-5, -7, -7]]
+    with pytest.raises(ValueError, match="n <= length=3"):
+        cache.gather_slots(torch.zeros(2, 4, dtype=torch.long))

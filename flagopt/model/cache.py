@@ -138,6 +138,30 @@ class KVCache(KVBuffers):
                              f"expected 0 <= length <= {self.length}")
         self.length = length
 
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` positions (filled ones are kept); never shrinks."""
+        if capacity > self.capacity:
+            self._grow(capacity, exact=True)
+
+    def gather_slots(self, index: torch.Tensor) -> None:
+        """Make position ``j`` of row ``b`` what position ``index[b, j]`` held, in every
+        layer, and keep ``index.shape[1]`` positions (speculative decoding moves each row's
+        kept positions to the front, past the holes of rejected proposals).
+
+        Raises:
+            ValueError: ``index`` is not (batch, n) with n <= length.
+        """
+        rows, n = index.shape
+        if rows != self.batch_size or n > self.length:
+            raise ValueError(f"index of shape {tuple(index.shape)}; expected ({self.batch_size}, "
+                             f"n) with n <= length={self.length}")
+        heads, dim = self.k.shape[2], self.k.shape[4]
+        where = index[:, None, :, None].expand(rows, heads, n, dim)
+        for kind in (self.k, self.v):
+            for layer in range(kind.shape[0]):
+                kind[layer, :, :, :n] = kind[layer, :, :, :self.length].gather(2, where)
+        self.length = n
+
     def reorder(self, index: torch.Tensor) -> None:
         """Make row ``i`` a copy of row ``index[i]`` in every layer (beam search), in place."""
         filled = slice(0, self.length)
@@ -165,10 +189,11 @@ class KVCache(KVBuffers):
         """These buffers as a static-shape step sees them, writing at slot ``write_at``."""
         return StaticCacheView(self.k, self.v, write_at)
 
-    def _grow(self, needed: int) -> None:
-        # Only for callers that did not size the cache up front: forward(use_cache=True)
-        # allocates the prompt's length, and feeding the returned cache more tokens grows it.
-        capacity = max(needed, 2 * self.capacity)
+    def _grow(self, needed: int, exact: bool = False) -> None:
+        # For callers that did not size the cache up front: forward(use_cache=True)
+        # allocates the prompt's length, and feeding the returned cache more tokens grows it
+        # (doubling); ``reserve`` grows to exactly what it is asked.
+        capacity = needed if exact else max(needed, 2 * self.capacity)
         for name in ("k", "v"):
             old = getattr(self, name)
             new = old.new_zeros(old.shape[:3] + (capacity,) + old.shape[4:])

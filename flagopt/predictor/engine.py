@@ -70,8 +70,8 @@ class SpeculativeStats:
     Attributes:
         proposed: draft tokens proposed, summed over the rows still decoding.
         accepted: of those, the ones the target agreed with (each row's own agreeing prefix).
-        kept: the ones emitted as proposed; less than ``accepted`` in a batch, whose rows
-            advance together by the shortest agreeing prefix.
+        kept: the ones emitted as proposed: ``accepted`` less those past an EOS or a row's
+            last position.
         rounds: target forward passes that verified proposals.
     """
 

@@ -1,39 +1,41 @@
 """Lossless speculative decoding: a draft model proposes tokens, the target verifies them.
 
-One round (``SpeculativeChooser._round``), with ``L`` tokens so far and the target's cache
-holding all but the newest of them:
+Each row keeps its own verified tokens, ahead of what the loop has emitted. A round runs when
+an unfinished row has none left (``SpeculativeChooser._round``):
 
-1. the draft feeds what its own cache lacks and proposes k tokens, one forward each, chosen
-   from its logits after the same processors the target's choices get (greedy: argmax;
-   sampling: drawn from the warped distribution q);
-2. the target runs its newest token and the k proposals in ONE forward: k+1 logits;
-3. at each position j the processors run over the history up to j (proposals included, as
-   plain decoding would have them) and the target chooses: greedy keeps proposal j+1 while
-   it equals the target's argmax; sampling keeps it with probability min(1, p/q) and at the
-   first rejection draws from norm(max(0, p - q)) (the speculative-sampling rule of
-   Leviathan et al. and Chen et al., 2023), so each emitted token is distributed as the
-   target's own p;
-4. the rows of a batch advance together by the fewest proposals any unfinished row kept
-   (m), plus the target's token after them: m + 1 tokens, each the token plain decoding
-   makes there. A row that agreed further proposes those tokens again next round
-   (correctness first: one length for all rows, as ``KVCache`` has). Both caches
-   ``truncate`` the positions past what was kept.
+1. every row's newest token goes into the next cache slot and the draft proposes k tokens
+   after it, one forward each (after catching its cache up), chosen from its logits after
+   the processors the target's choices get (greedy: argmax; sampling: a draw from the
+   warped distribution q);
+2. the target runs the newest tokens and the k proposals in ONE forward: k+1 logits per row;
+3. at each position j the processors run over the row's history up to j (proposals
+   included, as plain decoding would have them) and the target chooses: greedy keeps
+   proposal j+1 while it equals the target's argmax; sampling keeps it with probability
+   min(1, p/q) and at the first rejection draws from norm(max(0, p - q)) (the
+   speculative-sampling rule of Leviathan et al. and Chen et al., 2023), so each token is
+   distributed as the target's own p;
+4. each row keeps its own accepted proposals plus the target's token after them (cut after an
+   EOS and at its last position). Both caches share one slot per position and one length,
+   so the slots a row rejected stay behind as holes: masked out of attention and not
+   counted in the positions (OPT's positions are the cumulative attention mask, as with
+   left padding), so every logit is the one the row's tokens give without holes. When the
+   holes fill the room left, ``_compact`` moves each row's slots to the front.
 
-The emitted tokens go out one per step through the engine's one loop (``decode_steps``):
-``next_logits`` runs a round when its queue is empty and returns the target's logits for the
-next queued position; ``choose`` takes the queued token. EOS, stop strings, the length
-limit, scores and the NaN checks are therefore the loop's own. k adapts to the acceptance:
-+2 after a round whose proposals were all kept, -1 otherwise, within [1, k_max].
+The tokens go out one per step through the engine's one loop (``decode_steps``): ``choose``
+takes each row's next verified token and its score, and ``next_logits`` runs a round when
+needed. EOS, stop strings, the length limit, scores and the NaN check (``next_logits``
+reports where the target's logits were not finite) are therefore the loop's own. k adapts
+to the acceptance: +2 after a round whose rows kept at least 3/4 of the proposals, -1 after
+one that kept fewer than half, within [1, k_max].
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 import torch
 from torch import nn
 
 from flagopt.model.cache import KVCache
+from flagopt.model.decoder import attention_mask_4d, positions_from_mask
 from flagopt.model.loading import no_init  # the loader's skip of meta-device init
 from flagopt.model.quantize import Int8Embedding, Int8Linear, int8_modules, \
     is_quantized_param, tie_int8
@@ -44,6 +46,7 @@ from flagopt.predictor.processors import apply_processors
 
 K_START = 4  # proposals in the first round
 K_MAX = 8  # most proposals per round
+HOLE_ROUNDS = 3  # rounds of rejected slots the caches have room for before compacting
 
 
 def check_draft(model: nn.Module, draft: nn.Module | str) -> nn.Module:
@@ -125,40 +128,65 @@ def int8_draft(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 class SpeculativeChooser(Chooser):
-    """Greedy or sampling choice of the next token, with a draft model proposing ahead (see
-    the module docstring). ``stats`` counts the proposals."""
+    """Greedy or sampling choice of the next token, with a draft model proposing ahead and
+    each row keeping its own accepted proposals (see the module docstring). ``stats`` counts
+    the proposals."""
 
     def __init__(self, params: GenerationParams, state: DecodeState, pad_id: int,
                  draft: nn.Module, k_max: int = K_MAX) -> None:
         super().__init__(params, state, pad_id)
-        rows, capacity = state.tokens.shape
-        cache = KVCache.for_model(draft.config, rows, capacity,
-                                  dtype=_cache_dtype(draft, None), device=state.tokens.device)
-        # The draft reads the same token, history and mask buffers through its own cache.
-        self.draft = DecodeState(draft, cache, state.tokens, state.history, state.mask,
-                                 state.prompt_len, state.max_new, 0, state.done)
+        rows, total = state.tokens.shape
+        device = state.tokens.device
+        self.model, self.draft_model = state.model, draft
         self.k, self.k_max = min(K_START, k_max), k_max
-        self.queue: deque[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = deque()
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        # One slot per cached position, shared by both caches; a slot a row rejected stays
+        # behind as a hole (mask 0) until ``_compact`` runs out of room for them.
+        capacity = total + (1 + HOLE_ROUNDS) * (k_max + 1)
+        state.cache.reserve(capacity)
+        self.draft_cache = KVCache.for_model(draft.config, rows, capacity,
+                                             dtype=_cache_dtype(draft, None), device=device)
+        self.slot_tokens = torch.full((rows, capacity), pad_id, dtype=torch.long,
+                                      device=device)
+        self.slot_mask = torch.ones(rows, capacity, dtype=torch.long, device=device)
+        if state.mask is not None:
+            self.slot_mask[:, :state.prompt_len] = state.mask[:, :state.prompt_len]
+        self.slot_tokens[:, :state.prompt_len] = state.tokens[:, :state.prompt_len]
+        # One row has no holes (it keeps what it accepts): positions need no mask there.
+        self.masked = rows > 1 or state.mask is not None
+        # Each row's own verified sequence (history layout: PAD_HISTORY at left padding),
+        # ahead of what the loop has emitted; and per verified token its log-probability
+        # and whether the target's logits there were finite.
+        width = total + k_max + 1
+        self.seq = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+        self.logp = torch.zeros(rows, width, device=device)
+        self.finite = torch.ones(rows, width, dtype=torch.bool, device=device)
+        self.lengths: list[int] = []  # per row, tokens in ``seq`` (host; set at the first round)
+        self.complete = [False] * rows  # the row verified EOS or its last position
+        self.logits_dtype = _cache_dtype(state.model, None)
         self.stats = SpeculativeStats()
 
     def choose(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
         """The prompt's first token as plain decoding picks it, then the verified tokens."""
-        if self.pending is None:
+        if not self.lengths:
             return super().choose(logits, state)
-        scores, nxt = self.pending
-        self.pending = None
-        self._record(scores, nxt, state)
+        at = state.length
+        nxt = self.seq[:, at]
+        self.scores[:, at - state.prompt_len] = torch.where(state.done, 0.0, self.logp[:, at])
         return self._finish(torch.where(state.done, self.pad_id, nxt), state)
 
     def next_logits(self, next_tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        """The target's logits (R, V) at the next verified position (a round when none is
-        queued)."""
-        if not self.queue:
+        """What the loop reads of the target's logits at the next position: (R, 1), NaN
+        where they were not finite (the tokens and scores are taken from the verified
+        rounds; a round runs when an unfinished row has none verified there)."""
+        if not self.lengths:
+            self._start(state)
+        at = state.length
+        behind = [i for i, n in enumerate(self.lengths) if n <= at]
+        if behind and not bool(state.done[behind].all()):
             self._round(state)
-        logits, scores, token = self.queue.popleft()
-        self.pending = (scores, token)
-        return logits
+        bad = ~self.finite[:, at, None]
+        return torch.zeros(bad.shape, dtype=self.logits_dtype,
+                           device=bad.device).masked_fill(bad, float("nan"))
 
     def result(self, state: DecodeState) -> GenerationResult:
         """The ids, lengths, reasons and scores (as ``Chooser.result``) and the draft's
@@ -169,92 +197,169 @@ class SpeculativeChooser(Chooser):
 
     # --- one round ----------------------------------------------------------------------------
 
+    def _start(self, state: DecodeState) -> None:
+        """Take the loop's first token as every row's verified history."""
+        n = state.length
+        self.seq[:, :n] = state.history[:, :n]
+        self.lengths = [n] * state.tokens.shape[0]
+
     def _round(self, state: DecodeState) -> None:
-        length = state.length  # the target's cache holds length - 1 positions
-        left = state.max_new - (length - state.prompt_len)  # >= 1, or the loop had ended
-        k = min(self.k, left - 1)
-        if state.mask is not None:
-            state.mask[:, length:length + k] = 1  # proposals are real tokens
-        drafts, q = self._propose(state, k)  # (R, k), (R, k, V) or None
-        logits = state.forward_all(state.tokens[:, length - 1:length + k])  # (R, k+1, V)
-        scores = [self._process(logits[:, j], state, length + j) for j in range(k + 1)]
+        cache, end = state.cache, state.prompt_len + state.max_new  # a row's last position
+        done = state.done.tolist()
+        for i, d in enumerate(done):
+            self.complete[i] = self.complete[i] or d or self.lengths[i] >= end
+        live = [i for i, c in enumerate(self.complete) if not c]
+        need = [end - n for n in self.lengths]  # tokens each row may still add
+        k = min(self.k, max(need[i] for i in live) - 1)
+        if cache.length + k + 1 > cache.capacity:
+            self._compact(state, live)
+        device = state.tokens.device
+        slot = cache.length  # each row's newest token goes here, its proposals after it
+        lengths = torch.tensor(self.lengths, device=device)
+        self.slot_tokens[:, slot] = self.seq.gather(1, lengths[:, None] - 1)[:, 0]
+        # Slots a row cannot use (it is finished, or past its last position) stay masked.
+        room = torch.tensor([need[i] if i in live else 0 for i in range(len(need))],
+                            device=device)
+        j = torch.arange(k + 1, device=device)
+        self.slot_mask[:, slot:slot + k + 1] = (j[None] < room[:, None]).long()
+        drafts, q = self._propose(state, k, slot)  # (R, k), (R, k, V) or None
+        logits = self._run(self.model, cache, self.slot_tokens[:, slot:slot + k + 1])
+        scores = [self._process(logits[:, i], drafts[:, :i]) for i in range(k + 1)]
         if self.generator is None:
-            tokens, agreed = self._verify_greedy(scores, drafts)
-            m = self._kept(agreed, k, state)
+            tokens = torch.stack([s.argmax(-1) for s in scores], 1)  # (R, k+1)
+            accepted = _prefix(tokens[:, :-1] == drafts)
         else:
-            tokens, agreed, m = self._verify_sampled(scores, drafts, q, state)
-        for j in range(m + 1):
-            self.queue.append((logits[:, j], scores[j], tokens[:, j]))
-        state.cache.truncate(length + m)
-        self.draft.cache.truncate(min(self.draft.cache.length, length + m))
-        self.k = min(self.k + 2, self.k_max) if m == k else max(1, self.k - 1)
+            p = torch.stack([s.softmax(-1) for s in scores], 1)  # (R, k+1, V)
+            accepted = accepted_prefix(p, q, drafts, self.generator)
+            last = final_tokens(p, q, drafts, accepted, self.generator)
+            tokens = torch.cat([drafts, last[:, None]], 1)
+            tokens.scatter_(1, accepted[:, None], last[:, None])
+        # Each row keeps its accepted proposals and the target's token after them, cut at
+        # its last position and after an EOS: m + 1 tokens.
+        eos = self.eos(tokens) & (j[None] <= accepted[:, None])
+        first_eos = torch.where(eos, j[None], k + 1).min(1).values
+        m = torch.minimum(torch.minimum(accepted, first_eos), (room - 1).clamp(min=0))
+        logp = torch.stack([s.gather(1, tokens[:, i, None])[:, 0] - s.logsumexp(-1)
+                            for i, s in enumerate(scores)], 1)
+        finite = torch.isfinite(logits.float().sum(-1))  # (R, k+1)
+        ended = first_eos <= m
+        kept, agreed, ended = torch.stack([m, accepted, ended.long()]).tolist()  # one sync
+        self._keep(tokens, logp, finite, kept, live, lengths)
+        for i in live:
+            self.complete[i] = bool(ended[i]) or self.lengths[i] >= end
+        rejected = j[None, :k] >= m[:, None]  # proposal i sits in slot + 1 + i
+        self.slot_mask[:, slot + 1:slot + k + 1].masked_fill_(rejected, 0)
+        used = slot + 1 + max(kept[i] for i in live)
+        cache.truncate(used)
+        self.draft_cache.truncate(min(self.draft_cache.length, used))
+        self._count(k, kept, agreed, live)
 
-    def _process(self, logits: torch.Tensor, state: DecodeState, end: int) -> torch.Tensor:
-        """Processed float32 scores (R, V) of the position after ``history[:, :end]``."""
+    def _keep(self, tokens: torch.Tensor, logp: torch.Tensor, finite: torch.Tensor,
+              kept: list[int], live: list[int], lengths: torch.Tensor) -> None:
+        """Append each live row's kept tokens (its first ``kept[i] + 1``) to ``seq``."""
+        k1 = tokens.shape[1]
+        index = lengths[:, None] + torch.arange(k1, device=tokens.device)  # (R, k+1)
+        take = torch.zeros_like(tokens, dtype=torch.bool)
+        for i in live:
+            take[i, :kept[i] + 1] = True
+            self.lengths[i] += kept[i] + 1
+        for buf, new in ((self.seq, tokens), (self.logp, logp), (self.finite, finite)):
+            buf.scatter_(1, index, torch.where(take, new, buf.gather(1, index)))
+
+    def _count(self, k: int, kept: list[int], agreed: list[int], live: list[int]) -> None:
+        """Stats, and the next round's k: +2 when the rows kept most proposals, -1 when they
+        kept fewer than half."""
+        rows = len(live)
+        self.stats.proposed += k * rows
+        self.stats.accepted += sum(min(agreed[i], k) for i in live)
+        self.stats.kept += sum(kept[i] for i in live)
+        self.stats.rounds += 1
+        mean = sum(kept[i] for i in live) / rows
+        if mean >= 0.75 * k:
+            self.k = min(self.k + 2, self.k_max)
+        elif mean < 0.5 * k:
+            self.k = max(1, self.k - 1)
+
+    def _process(self, logits: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        """Processed float32 scores (R, V) of the position after each row's verified tokens
+        and ``proposals`` (R, j): the processors see exactly the history plain decoding
+        would have there (rows of one length at a time)."""
         scores = logits.float()
-        if self.processors:
-            scores = apply_processors(self.processors, state.history[:, :end], scores)
-        return scores
+        if not self.processors:
+            return scores
+        out = torch.empty_like(scores)
+        for n in sorted(set(self.lengths)):
+            rows = [i for i, m in enumerate(self.lengths) if m == n]
+            history = torch.cat([self.seq[rows, :n], proposals[rows]], 1)
+            out[rows] = apply_processors(self.processors, history, scores[rows])
+        return out
 
-    def _propose(self, state: DecodeState, k: int
+    def _run(self, model: nn.Module, cache: KVCache, tokens: torch.Tensor,
+             keep: int | None = None) -> torch.Tensor:
+        """``model``'s logits (R, keep, V) (keep None: all t) of ``tokens`` (R, t) written at
+        ``cache.length``; positions and attention come from the slot mask, so holes are
+        neither seen nor counted."""
+        t = tokens.shape[1]
+        past = cache.length
+        if self.masked:
+            mask2d = self.slot_mask[:, :past + t]
+            positions = positions_from_mask(mask2d, past)
+        else:
+            mask2d = None
+            positions = torch.arange(past, past + t, device=tokens.device).expand_as(tokens)
+        mask, is_causal = attention_mask_4d(mask2d, past, t, tokens.device)
+        hidden = model.model.decoder(tokens, positions, mask, cache, is_causal=is_causal)
+        return model.logits(hidden[:, -(keep or t):])
+
+    def _propose(self, state: DecodeState, k: int, slot: int
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The draft's k tokens (R, k), written after ``state.length`` as tentative history,
-        and, when sampling, the distributions they were drawn from (R, k, V)."""
-        length, draft = state.length, self.draft
-        rows = state.tokens.shape[0]
-        tokens, probs = [], []
-        if k:
-            logits = draft.forward(state.tokens[:, draft.cache.length:length])  # catch up
+        """The draft's k tokens (R, k), written to the slots after ``slot``, and, when
+        sampling, the distributions they were drawn from (R, k, V)."""
+        rows, device = state.tokens.shape[0], state.tokens.device
+        cache, tokens, probs = self.draft_cache, [], []
+        drafts = torch.zeros(rows, 0, dtype=torch.long, device=device)
+        if k:  # catch up on what the draft's cache lacks, up to each row's newest token
+            logits = self._run(self.draft_model, cache,
+                               self.slot_tokens[:, cache.length:slot + 1], keep=1)[:, 0]
         for i in range(k):
             # A draft row with NaN/inf logits (fp16 overflow, say) proposes from uniform
             # logits: proposals only change how many are accepted, never the output.
             logits = torch.where(torch.isfinite(logits.sum(-1, keepdim=True)), logits, 0.0)
-            scores = self._process(logits, state, length + i)
+            scores = self._process(logits, drafts)
             if self.generator is None:
                 tok = scores.argmax(-1)
             else:
                 q = scores.softmax(-1)
                 tok = torch.multinomial(q, 1, generator=self.generator)[:, 0]
                 probs.append(q)
-            state.tokens[:, length + i] = tok
-            state.history[:, length + i] = tok
+            self.slot_tokens[:, slot + 1 + i] = tok
             tokens.append(tok)
+            drafts = torch.stack(tokens, 1)
             if i < k - 1:
-                logits = draft.forward(tok[:, None])
-        device = state.tokens.device
-        drafts = torch.stack(tokens, 1) if tokens else \
-            torch.zeros(rows, 0, dtype=torch.long, device=device)
+                logits = self._run(self.draft_model, cache, tok[:, None])[:, 0]
         return drafts, (torch.stack(probs, 1) if probs else None)
 
-    def _verify_greedy(self, scores: list[torch.Tensor], drafts: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target's argmax at every position (R, k+1) and each row's agreeing prefix."""
-        tokens = torch.stack([s.argmax(-1) for s in scores], 1)
-        return tokens, _prefix(tokens[:, :-1] == drafts)
-
-    def _verify_sampled(self, scores: list[torch.Tensor], drafts: torch.Tensor,
-                        q: torch.Tensor | None, state: DecodeState
-                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The speculative-sampling rule: tokens (R, m+1), each row's accepted prefix, m."""
-        p = torch.stack([s.softmax(-1) for s in scores], 1)  # (R, k+1, V)
-        accepted = accepted_prefix(p, q, drafts, self.generator)
-        m = self._kept(accepted, drafts.shape[1], state)
-        last = final_tokens(p, q, drafts, accepted.clamp(max=m), self.generator)
-        if m < drafts.shape[1]:
-            last = torch.where(accepted > m, drafts[:, m], last)
-        return torch.cat([drafts[:, :m], last[:, None]], 1), accepted, m
-
-    def _kept(self, agreed: torch.Tensor, k: int, state: DecodeState) -> int:
-        """Proposals every unfinished row keeps (the batch's shortest agreeing prefix); also
-        counts them in ``stats``. One host synchronisation per round."""
-        live = ~state.done
-        shortest, agreed_sum, rows = torch.stack([
-            agreed.masked_fill(state.done, k).min(), (agreed * live).sum(), live.sum()]).tolist()
-        self.stats.proposed += k * rows
-        self.stats.accepted += agreed_sum
-        self.stats.kept += shortest * rows if rows else 0
-        self.stats.rounds += 1
-        return shortest if rows else 0
+    def _compact(self, state: DecodeState, live: list[int]) -> None:
+        """Move each live row's filled slots to the front of both caches (holes after them);
+        finished rows keep none (no query of theirs matters any more). Then the newest slot
+        is at most a row's last position, and a round of ``k_max + 1`` fits the capacity."""
+        cache, draft = state.cache, self.draft_cache
+        if draft.length < cache.length:  # the draft lacks the last kept proposal: run it
+            self._run(self.draft_model, draft, self.slot_tokens[:, draft.length:cache.length],
+                      keep=1)
+        used = cache.length
+        alive = torch.zeros(self.slot_mask.shape[0], 1, dtype=torch.bool, device=cache.device)
+        alive[live] = True
+        keep = self.slot_mask[:, :used].bool() & alive
+        order = torch.sort((~keep).long(), dim=1, stable=True).indices  # filled slots first
+        length = int(keep.sum(1).max())
+        order = order[:, :length]
+        for c in (cache, draft):
+            c.gather_slots(order)
+        for buf in (self.slot_tokens, self.slot_mask):
+            buf[:, :length] = buf.gather(1, order)
+        self.slot_mask[:, :length] = (torch.arange(length, device=keep.device)[None]
+                                      < keep.sum(1)[:, None]).long()
 
 
 def accepted_prefix(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
