@@ -124,7 +124,10 @@ def test_a_full_position_table_ends_rows_as_in_plain_decoding() -> None:
     assert spec.finish_reasons == ["positions"] * 2
 
 
-def test_a_draft_that_always_agrees_grows_k_and_saves_target_passes() -> None:
+def test_a_draft_that_always_agrees_grows_k_and_saves_target_passes(monkeypatch) -> None:
+    # The acceptance rule alone (the cost rule would see a draft as slow as the target).
+    monkeypatch.setattr(speculative.SpeculativeChooser, "greedy_policy",
+                        speculative.AcceptanceK)
     target = _model(tiny_config(init_std=0.3), seed=0)
     ids = torch.randint(3, 128, (1, 5))
     spec = generate(target, ids, None, GenerationParams(max_new_tokens=30, eos_token_ids=()),
@@ -382,10 +385,13 @@ def test_non_finite_target_logits_still_raise_with_a_draft() -> None:
 # --- batches: each row keeps its own proposals ------------------------------------------------
 
 
-def test_each_row_of_a_batch_keeps_its_own_accepted_proposals() -> None:
+def test_each_row_of_a_batch_keeps_its_own_accepted_proposals(monkeypatch) -> None:
     """A draft that agrees with the target on row 0 everywhere and on row 1 except where
     the target picks token X: row 1's rejections no longer hold row 0 back."""
     import copy
+
+    monkeypatch.setattr(speculative.SpeculativeChooser, "greedy_policy",
+                        speculative.AcceptanceK)  # rounds that do not depend on timing
 
     target = _model(tiny_config(init_std=0.3, **SPEC_VARIANTS["untied"]), seed=0)
     ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(4))
@@ -409,6 +415,8 @@ def test_each_row_of_a_batch_keeps_its_own_accepted_proposals() -> None:
 def test_compacting_the_holes_changes_no_token(monkeypatch) -> None:
     """With no room for holes, every round compacts the caches: same greedy tokens as plain
     decoding, and the same seeded samples as with room."""
+    monkeypatch.setattr(speculative.SpeculativeChooser, "greedy_policy",
+                        speculative.AcceptanceK)  # rounds that do not depend on timing
     calls = []
     gather = KVCache.gather_slots
     monkeypatch.setattr(KVCache, "gather_slots",
@@ -443,3 +451,51 @@ def test_gather_slots_and_reserve() -> None:
     assert cache.v[1, :, 0, :3, 0].tolist() == [[0, -2, -3], [-5, -7, -7]]
     with pytest.raises(ValueError, match="n <= length=3"):
         cache.gather_slots(torch.zeros(2, 4, dtype=torch.long))
+
+
+# --- choosing k ----------------------------------------------------------------------------
+
+
+def _rounds(policy, rounds: int, rate: float, step_s: float, round_s) -> list[int]:
+    """Feed ``policy`` rounds of the given acceptance and costs; the k it chose each time."""
+    ks = []
+    for _ in range(rounds):
+        k = policy.k
+        ks.append(k)
+        policy.update(k, rate * k, step_s if k else None, round_s(k))
+    return ks
+
+
+def test_cost_k_runs_long_rounds_when_the_draft_is_cheap() -> None:
+    policy = speculative.CostK(k_max=8)
+    ks = _rounds(policy, 6, rate=0.95, step_s=0.01, round_s=lambda k: 0.2 + 0.011 * k)
+    assert ks[0] == speculative.K_START and ks[-1] == 8
+
+
+def test_cost_k_stops_drafting_when_it_does_not_pay_and_probes_again() -> None:
+    """A draft step as slow as the target's pass, half the proposals kept: plain decoding
+    (k = 0) emits more per second; after PROBE such rounds one round tries k = 1."""
+    policy = speculative.CostK(k_max=8)
+    probe = speculative.CostK.PROBE
+    ks = _rounds(policy, 3 + probe, rate=0.5, step_s=0.2,
+                 round_s=lambda k: 0.2 * (1 + 1.5 * k))
+    first = ks.index(0)
+    assert first <= 2
+    assert ks[first:first + probe] == [0] * probe and ks[first + probe] == 1
+
+
+def test_cost_k_weighs_the_price_of_verifying_more_positions() -> None:
+    """Cheap draft steps but a target pass whose cost grows with every position (compute
+    bound, as batches on a CPU): a short k beats the longest."""
+    policy = speculative.CostK(k_max=8)
+    ks = _rounds(policy, 12, rate=0.7, step_s=0.02, round_s=lambda k: 0.1 * (k + 1) + 0.02 * k)
+    assert 0 < ks[-1] < 8
+
+
+def test_greedy_with_a_slow_draft_still_gives_the_plain_tokens() -> None:
+    target = _model(tiny_config(init_std=0.3), seed=0)
+    ids, mask = _padded_batch()
+    params = GenerationParams(max_new_tokens=24, eos_token_ids=())
+    slow = _model(tiny_config(init_std=0.3, num_hidden_layers=4), seed=3)  # 2x the target
+    _assert_same(generate(target, ids, mask, params), generate(target, ids, mask, params,
+                                                               draft=slow))

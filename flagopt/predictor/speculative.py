@@ -25,11 +25,14 @@ The tokens go out one per step through the engine's one loop (``decode_steps``):
 takes each row's next verified token and its score, and ``next_logits`` runs a round when
 needed. EOS, stop strings, the length limit, scores and the NaN check (``next_logits``
 reports where the target's logits were not finite) are therefore the loop's own. k adapts
-to the acceptance: +2 after a round whose rows kept at least 3/4 of the proposals, -1 after
-one that kept fewer than half, within [1, k_max].
+each round: greedy to the acceptance and the measured seconds of the draft's steps and the
+target's pass (``CostK``, down to 0, plain decoding, when the draft does not pay), sampling
+to the acceptance alone (``AcceptanceK``, so that seeded draws do not depend on timing).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import nn
@@ -127,10 +130,81 @@ def int8_draft(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     return draft.eval()
 
 
+class AcceptanceK:
+    """k from the acceptance alone: +2 after a round whose rows kept at least 3/4 of the
+    proposals, -1 after one that kept fewer than half, within [1, k_max]. Deterministic,
+    so seeded sampling with a draft is reproducible."""
+
+    def __init__(self, k_max: int = K_MAX) -> None:
+        self.k, self.k_max = min(K_START, k_max), k_max
+
+    def update(self, k: int, kept_per_row: float, step_s: float | None,
+               round_s: float) -> None:
+        """Record a round of ``k`` proposals whose rows kept ``kept_per_row`` on average
+        (the times are not used here)."""
+        if kept_per_row >= 0.75 * k:
+            self.k = min(self.k + 2, self.k_max)
+        elif kept_per_row < 0.5 * k:
+            self.k = max(1, self.k - 1)
+
+
+class CostK:
+    """k from the acceptance and the measured costs: the k in [0, k_max] that emits the most
+    tokens per second, ``E(k) / seconds(k)``. ``E(k) = 1 + a + ... + a^k`` tokens per row
+    for a per-proposal acceptance a (its running mean); ``seconds(k)`` is the measured time of
+    a whole round of k proposals (draft steps, the target's pass, the bookkeeping), or for
+    a k not run yet the nearest one's plus or minus its draft steps (measured). k = 0 is
+    plain decoding: a draft that costs more than it saves is not run (it is tried again
+    every ``PROBE`` rounds). Greedy only: the output never depends on k, but sampling's
+    random draws would."""
+
+    PROBE = 8  # rounds at k = 0 before one round at k = 1 re-measures the draft
+    WEIGHT = 0.3  # of the newest measurement in the running means
+
+    def __init__(self, k_max: int = K_MAX) -> None:
+        self.k, self.k_max = min(K_START, k_max), k_max
+        self.rate: float | None = None
+        self.draft: float | None = None
+        self.seconds: dict[int, float] = {}
+        self.idle = 0
+
+    def update(self, k: int, kept_per_row: float, step_s: float | None,
+               round_s: float) -> None:
+        """Record a round: ``k`` proposals, ``kept_per_row`` of them kept on average, the
+        seconds of one draft step (None: not measured) and of the whole round."""
+        if k:
+            self.rate = self._mean(self.rate, min(1.0, kept_per_row / k))
+        if step_s is not None:
+            self.draft = self._mean(self.draft, step_s)
+        self.seconds[k] = self._mean(self.seconds.get(k), round_s)
+        self.k = self.best()
+        self.idle = self.idle + 1 if k == 0 else 0  # rounds run without the draft
+        if self.k == 0 and self.idle >= self.PROBE:
+            self.k, self.idle = 1, 0
+
+    def best(self) -> int:
+        """The k with the most expected tokens per second (see the class docstring)."""
+        if self.rate is None or self.draft is None:
+            return self.k
+        a, draft = self.rate, self.draft
+
+        def per_second(k: int) -> float:
+            tokens = k + 1.0 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
+            near = min(self.seconds, key=lambda m: (abs(m - k), -m))
+            seconds = self.seconds[near] + (k - near) * draft
+            return tokens / max(seconds, 1e-9)
+        return max(range(self.k_max + 1), key=per_second)
+
+    def _mean(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * new
+
+
 class SpeculativeChooser(Chooser):
     """Greedy or sampling choice of the next token, with a draft model proposing ahead and
     each row keeping its own accepted proposals (see the module docstring). ``stats`` counts
     the proposals."""
+
+    greedy_policy: type = CostK  # how greedy rounds choose k (sampling: AcceptanceK)
 
     def __init__(self, params: GenerationParams, state: DecodeState, pad_id: int,
                  draft: nn.Module, k_max: int = K_MAX) -> None:
@@ -138,7 +212,10 @@ class SpeculativeChooser(Chooser):
         rows, total = state.tokens.shape
         device = state.tokens.device
         self.model, self.draft_model = state.model, draft
-        self.k, self.k_max = min(K_START, k_max), k_max
+        # Greedy adapts k to the measured costs too; sampling to the acceptance alone.
+        self.policy = AcceptanceK(k_max) if self.generator is not None else \
+            self.greedy_policy(k_max)
+        self.k_max = k_max
         # One slot per cached position, shared by both caches; a slot a row rejected stays
         # behind as a hole (mask 0) until ``_compact`` runs out of room for them.
         capacity = total + (1 + HOLE_ROUNDS) * (k_max + 1)
@@ -210,7 +287,8 @@ class SpeculativeChooser(Chooser):
             self.complete[i] = self.complete[i] or d or self.lengths[i] >= end
         live = [i for i, c in enumerate(self.complete) if not c]
         need = [end - n for n in self.lengths]  # tokens each row may still add
-        k = min(self.k, max(need[i] for i in live) - 1)
+        k = min(self.policy.k, max(need[i] for i in live) - 1)
+        started = time.perf_counter()
         if cache.length + k + 1 > cache.capacity:
             self._compact(state, live)
         device = state.tokens.device
@@ -223,6 +301,8 @@ class SpeculativeChooser(Chooser):
         j = torch.arange(k + 1, device=device)
         self.slot_mask[:, slot:slot + k + 1] = (j[None] < room[:, None]).long()
         drafts, q = self._propose(state, k, slot)  # (R, k), (R, k, V) or None
+        proposed = _seconds(drafts, started)
+        self._proposing = proposed
         logits = self._run(self.model, cache, self.slot_tokens[:, slot:slot + k + 1])
         scores = [self._process(logits[:, i], drafts[:, :i]) for i in range(k + 1)]
         if self.generator is None:
@@ -253,6 +333,8 @@ class SpeculativeChooser(Chooser):
         cache.truncate(used)
         self.draft_cache.truncate(min(self.draft_cache.length, used))
         self._count(k, kept, agreed, live)
+        self.policy.update(k, sum(kept[i] for i in live) / len(live), self._step_seconds(k),
+                           time.perf_counter() - started)
 
     def _keep(self, tokens: torch.Tensor, logp: torch.Tensor, finite: torch.Tensor,
               kept: list[int], live: list[int], lengths: torch.Tensor) -> None:
@@ -266,19 +348,21 @@ class SpeculativeChooser(Chooser):
         for buf, new in ((self.seq, tokens), (self.logp, logp), (self.finite, finite)):
             buf.scatter_(1, index, torch.where(take, new, buf.gather(1, index)))
 
+    def _step_seconds(self, k: int) -> float | None:
+        """Seconds of one draft step in the last round: its one-token steps, or the
+        catch-up step when it fed at most 2 tokens (a long catch-up after rounds without a
+        draft is no step's cost); None when neither was run."""
+        behind, catch_up = self._catch_up
+        if k >= 2:
+            return (self._proposing - catch_up) / (k - 1)
+        return catch_up if k == 1 and behind <= 2 else None
+
     def _count(self, k: int, kept: list[int], agreed: list[int], live: list[int]) -> None:
-        """Stats, and the next round's k: +2 when the rows kept most proposals, -1 when they
-        kept fewer than half."""
         rows = len(live)
         self.stats.proposed += k * rows
         self.stats.accepted += sum(min(agreed[i], k) for i in live)
         self.stats.kept += sum(kept[i] for i in live)
         self.stats.rounds += 1
-        mean = sum(kept[i] for i in live) / rows
-        if mean >= 0.75 * k:
-            self.k = min(self.k + 2, self.k_max)
-        elif mean < 0.5 * k:
-            self.k = max(1, self.k - 1)
 
     def _process(self, logits: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
         """Processed float32 scores (R, V) of the position after each row's verified tokens
@@ -318,9 +402,12 @@ class SpeculativeChooser(Chooser):
         rows, device = state.tokens.shape[0], state.tokens.device
         cache, tokens, probs = self.draft_cache, [], []
         drafts = torch.zeros(rows, 0, dtype=torch.long, device=device)
+        self._catch_up = (0, 0.0)
         if k:  # catch up on what the draft's cache lacks, up to each row's newest token
+            started, behind = time.perf_counter(), slot + 1 - cache.length
             logits = self._run(self.draft_model, cache,
                                self.slot_tokens[:, cache.length:slot + 1], keep=1)[:, 0]
+            self._catch_up = (behind, _seconds(logits, started))
         for i in range(k):
             # A draft row with NaN/inf logits (fp16 overflow, say) proposes from uniform
             # logits: proposals only change how many are accepted, never the output.
@@ -401,6 +488,13 @@ def final_tokens(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor,
         rejected = (accepted < k)[:, None] & (residual.sum(-1, keepdim=True) > 0)
         dist = torch.where(rejected, residual, dist)
     return torch.multinomial(dist, 1, generator=generator)[:, 0]
+
+
+def _seconds(result: torch.Tensor, since: float) -> float:
+    """Seconds from ``since`` until ``result`` is computed (a CUDA device is synchronised)."""
+    if result.device.type == "cuda":
+        torch.cuda.synchronize(result.device)
+    return time.perf_counter() - since
 
 
 def _prefix(agree: torch.Tensor) -> torch.Tensor:
