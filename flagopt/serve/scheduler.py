@@ -296,7 +296,9 @@ class Scheduler:
                                         dtype=check_cache_dtype(cache_dtype) or param.dtype,
                                         device=self.device)
         self.draft_cache: RowCache | None = None
-        self.speculative: SpeculativeStats | None = None  # the draft's acceptance figures
+        # The draft's acceptance figures: proposed, accepted (each row's own prefix), kept
+        # (those emitted: fewer only where EOS / a stop string / the budget cut a step), rounds.
+        self.speculative: SpeculativeStats | None = None
         if self.draft is not None:
             own = next(p.dtype for p in self.draft.parameters() if p.is_floating_point())
             self.draft_cache = RowCache.for_model(self.draft.config, max_batch_size, capacity,
