@@ -146,6 +146,11 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                      "into the weights as they load")
     srv.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"),
                      help="KV cache dtype (default: the model's)")
+    srv.add_argument("--draft", metavar="NAME|int8",
+                     help="speculative decoding: a smaller OPT sharing the tokenizer (registry "
+                          "name, repo id or directory, loaded with the same options) proposes "
+                          "tokens, or 'int8' for the model's own weights in int8; the same "
+                          "output as without it")
     srv.add_argument("--endpoint", help="hub mirror (default $FLAGOPT_ENDPOINT or the hub)")
     srv.add_argument("--offline", action="store_true", help="never use the network")
     srv.add_argument("--quiet", action="store_true", help="no progress bars, no request log")
@@ -279,6 +284,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.draft == "int8" and args.quantize is not None:
+        raise ValueError("--draft int8 drafts with the model's own weights in int8, so the "
+                         "model itself must be full precision: drop --quantize")
     try:
         from flagopt.serve import create_app, run
         from flagopt.serve.app import read_chat_template
@@ -288,13 +296,17 @@ def _serve(args: argparse.Namespace) -> int:
     from flagopt.auto_model import AutoLoader
 
     template = read_chat_template(args.chat_template) if args.chat_template else None
-    loader = AutoLoader("lm", args.model, **_loader_options(args))
+    options = _loader_options(args)
+    loader = AutoLoader("lm", args.model, **options)
+    draft = args.draft
+    if draft is not None and draft != "int8":
+        draft = AutoLoader("lm", draft, **options).get_model().eval()
     name = args.served_model_name or args.model
     app = create_app(loader.get_model().eval(), loader.get_tokenizer(), served_model_name=name,
                      api_key=args.api_key, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue, max_model_len=args.max_model_len,
                      max_tokens_default=args.max_tokens_default, chat_template=template,
-                     cache_dtype=args.cache_dtype)
+                     cache_dtype=args.cache_dtype, draft=draft)
     logging.getLogger("flagopt.serve").setLevel(logging.WARNING if args.quiet
                                                 else logging.INFO)
 

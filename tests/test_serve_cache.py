@@ -88,3 +88,49 @@ def test_admit_refuses_a_busy_row_and_a_prompt_too_long() -> None:
         rows.admit(0, small)
     rows.retire(0)
     rows.admit(0, small)
+
+
+@torch.inference_mode()
+def test_truncate_row_rolls_one_row_back_and_the_next_write_lands_there() -> None:
+    """Speculative rollback: each row drops its own rejected positions; a multi-token step
+    after it gives every row the logits of its kept tokens plus the new ones run alone."""
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    seqs = {0: torch.randint(3, 128, (4,), generator=g).tolist(),
+            1: torch.randint(3, 128, (6,), generator=g).tolist()}
+    rows = RowCache.for_model(model.config, 2, 32, dtype=torch.float32, device="cpu")
+    for row, ids in seqs.items():
+        rows.admit(row, _prefill(model, ids, rows)[1])
+    wrong = torch.randint(3, 128, (2, 3), generator=g)  # three proposals per row
+    positions, mask = rows.step_inputs(3)
+    model.model.decoder(wrong, positions, mask, rows)
+    assert rows.lengths.tolist() == [7, 9]
+    keep = {0: 1, 1: 3}  # row 0 keeps one proposal, row 1 all three
+    for row, n in keep.items():
+        rows.truncate_row(row, len(seqs[row]) + n)
+        seqs[row] += wrong[row, :n].tolist()
+    assert rows.lengths.tolist() == [5, 9]
+    nxt = torch.randint(3, 128, (2, 2), generator=g)
+    positions, mask = rows.step_inputs(2)
+    logits = model.logits(model.model.decoder(nxt, positions, mask, rows))  # (2, 2, V)
+    for row, ids in seqs.items():
+        ids += nxt[row].tolist()
+        torch.testing.assert_close(logits[row], _solo_logits(model, ids)[-2:])
+
+
+def test_truncate_row_errors() -> None:
+    model = _model()
+    rows = RowCache.for_model(model.config, 3, 8, dtype=torch.float32, device="cpu")
+    small = KVCache.for_model(model.config, 1, 4, dtype=torch.float32, device="cpu")
+    small.length = 4
+    rows.admit(1, small)
+    for bad in (-1, 5):
+        with pytest.raises(ValueError, match=f"row 1 of 4 positions to {bad}; expected 0 <= "
+                                             f"length <= 4"):
+            rows.truncate_row(1, bad)
+    for row in (0, 3):  # a free row, a row past the cache
+        with pytest.raises(ValueError, match=rf"row={row} is not an active row; expected one "
+                                             rf"of \[1\]"):
+            rows.truncate_row(row, 0)
+    rows.truncate_row(1, 0)
+    assert rows.lengths.tolist() == [0, 0, 0]

@@ -28,6 +28,7 @@ Three implementations:
   ``index_put_``) and returns the rows and positions in use; ``advance(n)`` adds n to the
   lengths of the active rows. ``step_inputs`` builds the decoder's positions and key mask
   from the lengths, so a row's logits are those of the same tokens run alone.
+  ``truncate_row`` drops one row's newest positions (the server's speculative rollback).
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ class RowCache(KVBuffers):
     pass covers rows ``[0, span_rows)`` and positions ``[0, span)`` (set by ``step_inputs``),
     so free rows past the last active one and unfilled positions past the longest row cost
     nothing. API: ``admit`` (a prompt's ``KVCache`` row into a free row), ``retire``,
-    ``step_inputs`` (positions and key mask of the next T tokens), ``update``, ``advance``.
+    ``truncate_row``, ``step_inputs`` (positions and key mask of the next T tokens),
+    ``update``, ``advance``.
     """
 
     def __init__(self, num_layers: int, rows: int, num_heads: int, capacity: int,
@@ -274,6 +276,23 @@ class RowCache(KVBuffers):
         """Free ``row``: its positions are forgotten and the row can be admitted into again."""
         self.active[row] = False
         self.lengths[row] = 0
+
+    def truncate_row(self, row: int, length: int) -> None:
+        """Forget the positions of active ``row`` from ``length`` on (speculative decoding's
+        rollback of that row's rejected proposals); its next write lands at ``length``.
+
+        Raises:
+            ValueError: ``row`` is not an active row, or ``length`` is negative or more than
+                the row's filled positions.
+        """
+        if not (isinstance(row, int) and 0 <= row < self.rows and bool(self.active[row])):
+            raise ValueError(f"row={row!r} is not an active row; expected one of "
+                             f"{self.active.nonzero().flatten().tolist()}")
+        filled = int(self.lengths[row])
+        if not 0 <= length <= filled:
+            raise ValueError(f"cannot truncate row {row} of {filled} positions to {length}; "
+                             f"expected 0 <= length <= {filled}")
+        self.lengths[row] = length
 
     def step_inputs(self, t: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (R, T) and key mask (R, 1, T, S) for T new tokens in rows ``[0, R)``.

@@ -61,10 +61,10 @@ class Service:
     def __init__(self, model: nn.Module, tokenizer: OPTTokenizer, *, served_model_name: str,
                  api_key: str | None, max_batch_size: int, max_queue: int,
                  max_model_len: int | None, max_tokens_default: int, max_body_bytes: int,
-                 chat_template: str | None, cache_dtype) -> None:
+                 chat_template: str | None, cache_dtype, draft=None) -> None:
         self.scheduler = Scheduler(model, tokenizer, max_batch_size=max_batch_size,
                                    max_queue=max_queue, max_model_len=max_model_len,
-                                   cache_dtype=cache_dtype)
+                                   cache_dtype=cache_dtype, draft=draft)
         self.engine = Engine(self.scheduler)
         self.tokenizer = tokenizer
         self.model_name = served_model_name
@@ -248,7 +248,7 @@ def create_app(model: nn.Module, tokenizer: OPTTokenizer, *, served_model_name: 
                api_key: str | None = None, max_batch_size: int = 16, max_queue: int = 64,
                max_model_len: int | None = None, max_tokens_default: int = 16,
                max_body_bytes: int = MAX_BODY_BYTES, chat_template: str | None = None,
-               cache_dtype=None) -> FastAPI:
+               cache_dtype=None, draft: nn.Module | str | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` as ``served_model_name`` (engine thread included:
     it starts and stops with the app's lifespan).
 
@@ -265,12 +265,15 @@ def create_app(model: nn.Module, tokenizer: OPTTokenizer, *, served_model_name: 
         chat_template: a Jinja chat template (Hugging Face's format) for
             /v1/chat/completions; without one that endpoint answers 400.
         cache_dtype: the KV cache's dtype; None is the model's own.
+        draft: speculative decoding: a smaller causal LM sharing the tokenizer, or
+            ``"int8"`` for the model's own weights in int8 (same output, see
+            ``Scheduler``); its acceptance figures are in /metrics.
     """
     service = Service(model, tokenizer, served_model_name=served_model_name, api_key=api_key,
                       max_batch_size=max_batch_size, max_queue=max_queue,
                       max_model_len=max_model_len, max_tokens_default=max_tokens_default,
                       max_body_bytes=max_body_bytes, chat_template=chat_template,
-                      cache_dtype=cache_dtype)
+                      cache_dtype=cache_dtype, draft=draft)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -301,7 +304,7 @@ def create_app(model: nn.Module, tokenizer: OPTTokenizer, *, served_model_name: 
         engine = service.engine
         text = service.metrics.render(service.model_name, engine.num_running,
                                       engine.num_waiting, engine.prompt_tokens,
-                                      engine.generated_tokens)
+                                      engine.generated_tokens, service.scheduler.speculative)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -430,9 +433,9 @@ class _Run:
                 entries = first.logprobs[:len(self.jobs[k // self.req.n].prompt_ids)]
                 offsets = first.offsets[:len(entries)]
         choice.length += len(text)
-        for entry in event.logprobs:
+        for entry, at in zip(event.logprobs, event.text_offsets):  # one offset per token
             entries.append(entry)
-            offsets.append(choice.length)
+            offsets.append(choice.length + at)
         text += event.text
         choice.length += len(event.text)
         choice.text.append(text)

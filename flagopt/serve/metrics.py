@@ -1,14 +1,17 @@
 """Prometheus text exposition for /metrics, written by hand (no client library needed).
 
 Gauges of requests running and waiting, counters of prompt and generated tokens and of
-finished requests, and histograms of time to first token and end-to-end latency, named as
-vLLM names them (``vllm:`` becomes ``flagopt:``).
+finished requests, histograms of time to first token and end-to-end latency and, with a
+draft model, its proposed and accepted tokens, named as vLLM names them (``vllm:`` becomes
+``flagopt:``).
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+
+from flagopt.predictor.engine import SpeculativeStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -52,8 +55,9 @@ class Metrics:
             self.finished[reason] = self.finished.get(reason, 0) + 1
 
     def render(self, model: str, running: int, waiting: int, prompt_tokens: int,
-               generated_tokens: int) -> str:
-        """The exposition text (``text/plain; version=0.0.4``)."""
+               generated_tokens: int, speculative: SpeculativeStats | None = None) -> str:
+        """The exposition text (``text/plain; version=0.0.4``); ``speculative``: the draft's
+        counters, when the server has one."""
         labels = f'model_name="{_escape(model)}"'
         lines = [
             "# HELP flagopt:num_requests_running Requests decoding in the batch.",
@@ -82,6 +86,14 @@ class Metrics:
                                   "End-to-end request latency.")):
             lines += [f"# HELP flagopt:{name} {what}", f"# TYPE flagopt:{name} histogram"]
             lines += hist.lines(f"flagopt:{name}", labels)
+        if speculative is not None:
+            for name, value, what in (
+                    ("num_draft_tokens", speculative.proposed, "Draft tokens proposed."),
+                    ("num_accepted_tokens", speculative.accepted,
+                     "Draft tokens the target accepted.")):
+                lines += [f"# HELP flagopt:spec_decode_{name}_total {what}",
+                          f"# TYPE flagopt:spec_decode_{name}_total counter",
+                          f"flagopt:spec_decode_{name}_total{{{labels}}} {value}"]
         return "\n".join(lines) + "\n"
 
 

@@ -10,13 +10,38 @@ a loop). Each ``step``:
    ``RowCache``) gives every row its next token;
 3. **retire**: rows that hit EOS, a stop string or their token budget free their row at once.
 
+With a ``draft`` model (speculative decoding) step 1 also prefills the draft's own
+``RowCache`` (same rows) with the prompt, and step 2 becomes:
+
+a. **propose**: each running row gets k_i proposals (its own adaptive k, never past its token
+   budget or ``max_model_len``). The draft's first forward feeds every row's last two tokens
+   (after rolling the row back by one, so every row feeds the same count), each further one
+   the previous proposal: max k_i forwards over all running rows. Each proposal is chosen
+   with the row's processors over its tentative history: greedy argmax, or a draw from the
+   processed softmax q with the row's generator;
+b. **verify**: ONE target forward of ``max k_i + 1`` tokens per row (its last token and its
+   proposals; shorter rows padded) gives the target's logits at every proposal;
+c. **accept**: each row keeps its own agreeing prefix (greedy: the target's argmax equals
+   the proposal; sampling: ``accepted_prefix``, accept with min(1, p/q)) plus the target's
+   own token after it (greedy: argmax; sampling: ``final_tokens``, a draw from the residual
+   norm(max(0, p - q)) or, after all k_i, from p), so every token is the one plain decoding
+   would make (greedy) or distributed as the target's p (sampling). The tokens go through
+   the row's EOS / stop-string / budget checks one by one: the row's event holds those up
+   to the first cut, the rest are dropped;
+d. **roll back**: both caches forget each row's rejected positions (``truncate_row``); the
+   draft's cache lacks the last proposal and the target's token, which the next step's
+   first draft forward feeds. k_i grows by 2 when all proposals were kept, else drops by 1,
+   within [1, K_MAX]: per row, since acceptance depends on the request, and so a seeded
+   row draws the same random numbers whatever else runs beside it.
+
 Every row chooses its tokens with its own processors (``build_logits_processors``), its own
 ``torch.Generator`` and its own stop rules (``EosCriterion``, ``StopAwareStream`` around
 ``cut_at_stop``), so a request's output does not depend on what else is running: greedy
-rows give ``Predictor``'s text for the same prompt. Log-probabilities reported are the
-model's own (``log_softmax`` of the raw logits), before any processor; a prompt's (``echo``
-with ``logprobs``) come from the scoring core (``flagopt.predictor.scoring``), the one that
-``Predictor.loglikelihood`` and the lm-eval model use, so scores through HTTP equal theirs.
+rows give ``Predictor``'s text for the same prompt, with or without a draft. Log-probabilities
+reported are the model's own (``log_softmax`` of the raw target logits), before any
+processor; a prompt's (``echo`` with ``logprobs``) come from the scoring core
+(``flagopt.predictor.scoring``), the one that ``Predictor.loglikelihood`` and the lm-eval
+model use, so scores through HTTP equal theirs.
 """
 
 from __future__ import annotations
@@ -30,12 +55,14 @@ import torch
 from torch import nn
 
 from flagopt.model.cache import KVCache, RowCache
-from flagopt.predictor.engine import check_cache_dtype
+from flagopt.predictor.engine import SpeculativeStats, check_cache_dtype
 from flagopt.predictor.params import GenerationParams
 from flagopt.predictor.predictor import StopAwareStream
 from flagopt.predictor.processors import LogitsProcessor, apply_processors, \
     build_logits_processors, sample
 from flagopt.predictor.scoring import Window, score_windows
+from flagopt.predictor.speculative import K_MAX, K_START, accepted_prefix, check_draft, \
+    final_tokens
 from flagopt.predictor.stopping import EosCriterion
 from flagopt.tokenizer import OPTTokenizer
 
@@ -85,7 +112,9 @@ class Event:
     """What a step produced for one choice of one request.
 
     ``text`` is the newly released text (never half a character, never past a stop string);
-    ``token_ids`` the tokens generated this step (none for a prompt-only event);
+    ``token_ids`` the tokens generated this step (none for a prompt-only event; several with
+    a draft), ``logprobs`` one entry per token and ``text_offsets`` where in ``text`` the
+    text released so far stood when each token came (0 for a one-token event);
     ``finish_reason`` is ``"stop"``, ``"length"`` or ``"error"`` (then ``error`` says why)
     on the choice's last event, else None. ``prompt_logprobs`` comes once, on the first
     event of choice 0 when the request asked for it.
@@ -99,6 +128,15 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    text_offsets: list[int] = field(default_factory=list)
+
+    def extend(self, later: "Event") -> None:
+        """Append a later event of the same choice (the next token of a speculative step)."""
+        self.text_offsets += [len(self.text) + at for at in later.text_offsets]
+        self.text += later.text
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        self.finish_reason, self.error = later.finish_reason, later.error
 
 
 class _Row:
@@ -127,18 +165,30 @@ class _Row:
                 self.generator.manual_seed((params.seed + index) % 2 ** 63)
         self.eos = EosCriterion(params.eos_token_ids, "cpu")
         self.text = StopAwareStream(tokenizer, params.stop)
+        self.k = K_START  # proposals per step with a draft (adapted by ``adapt``)
+
+    def scores(self, logits: torch.Tensor, tentative: Sequence[int] = ()) -> torch.Tensor:
+        """Processed float32 scores (1, V) of ``logits`` (V,), the position after the history
+        and the ``tentative`` tokens (proposals not yet verified)."""
+        scores = logits.float()[None]  # (1, V)
+        if self.processors:
+            history = torch.tensor([self.history + list(tentative)], device=logits.device)
+            scores = apply_processors(self.processors, history, scores)
+        return scores
 
     def choose(self, logits: torch.Tensor) -> Event:
         """Pick the next token from this row's logits (V,); the event it makes."""
-        scores = logits.float()[None]  # (1, V)
-        if self.processors:
-            history = torch.tensor([self.history], device=logits.device)
-            scores = apply_processors(self.processors, history, scores)
+        scores = self.scores(logits)
         token = int(sample(scores, self.generator)[0] if self.generator is not None
                     else scores.argmax(-1)[0])
+        return self.emit(token, logits)
+
+    def emit(self, token: int, logits: torch.Tensor) -> Event:
+        """Add ``token``, chosen from the raw ``logits`` (V,), to the row; the event it makes
+        (its finish reason set when EOS, a stop string or the budget ends the row)."""
         self.history.append(token)
         self.generated += 1
-        event = Event(self.request.request_id, self.index, token_ids=[token])
+        event = Event(self.request.request_id, self.index, token_ids=[token], text_offsets=[0])
         if self.request.logprobs is not None:
             event.logprobs = [_logprob_of(logits.float().log_softmax(-1), token,
                                           self.request.logprobs)]
@@ -152,6 +202,18 @@ class _Row:
             event.text += self.text.finish()
             event.finish_reason = "length"
         return event
+
+    def proposals(self, max_model_len: int) -> int:
+        """How many draft tokens to verify this step: the row's k, leaving room for the
+        target's own token within the budget and ``max_model_len``."""
+        left = min(self.request.max_tokens - self.generated,
+                   max_model_len - len(self.history))
+        return max(0, min(self.k, left - 1))
+
+    def adapt(self, proposed: int, kept: int) -> None:
+        """k + 2 after a step whose ``proposed`` tokens were all kept, else k - 1."""
+        if proposed:
+            self.k = min(self.k + 2, K_MAX) if kept == proposed else max(1, self.k - 1)
 
 
 def _logprob_of(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -195,7 +257,8 @@ class Scheduler:
 
     def __init__(self, model: nn.Module, tokenizer: OPTTokenizer, *, max_batch_size: int = 16,
                  max_queue: int = 64, max_model_len: int | None = None,
-                 cache_dtype: torch.dtype | str | None = None) -> None:
+                 cache_dtype: torch.dtype | str | None = None,
+                 draft: nn.Module | str | None = None) -> None:
         """Args:
             model: an ``OPTForCausalLM``, in eval mode.
             tokenizer: its tokenizer (stop strings and text).
@@ -204,6 +267,12 @@ class Scheduler:
             max_model_len: positions per row (prompt + generated); default and at most the
                 model's position table.
             cache_dtype: the KV cache's dtype; None is the model's own.
+            draft: speculative decoding (see the module docstring): a smaller causal LM
+                sharing the tokenizer, or ``"int8"`` for the model's own weights in int8
+                (``int8_draft``); None decodes one token per step. The output is the same.
+
+        Raises:
+            ValueError / TypeError: a bad limit, or a draft ``check_draft`` refuses.
         """
         config = model.config
         table = config.max_position_embeddings
@@ -219,9 +288,22 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.device = param.device
         self.max_model_len, self.max_queue = max_model_len, max_queue
-        self.cache = RowCache.for_model(config, max_batch_size, max_model_len,
+        self.draft = None if draft is None else check_draft(model, draft)
+        # With a draft, K_MAX slots of slack per row: rows padded to the step's longest
+        # proposal write past their own budget (positions dropped by the rollback).
+        capacity = max_model_len + (0 if self.draft is None else K_MAX)
+        self.cache = RowCache.for_model(config, max_batch_size, capacity,
                                         dtype=check_cache_dtype(cache_dtype) or param.dtype,
                                         device=self.device)
+        self.draft_cache: RowCache | None = None
+        # The draft's acceptance figures: proposed, accepted (each row's own prefix), kept
+        # (those emitted: fewer only where EOS / a stop string / the budget cut a step), rounds.
+        self.speculative: SpeculativeStats | None = None
+        if self.draft is not None:
+            own = next(p.dtype for p in self.draft.parameters() if p.is_floating_point())
+            self.draft_cache = RowCache.for_model(self.draft.config, max_batch_size, capacity,
+                                                  dtype=own, device=self.device)
+            self.speculative = SpeculativeStats()
         self.waiting: deque[Request] = deque()
         self.running: dict[int, _Row] = {}  # cache row -> its choice
 
@@ -273,11 +355,12 @@ class Scheduler:
         return bool(rows) or len(self.waiting) < before
 
     def step(self) -> list[Event]:
-        """Admit what fits, decode one token for every running row, retire finished rows."""
+        """Admit what fits, decode one token for every running row (with a draft: one or
+        more), retire finished rows."""
         with torch.inference_mode():
             events = self._admit()
             if self.running:
-                events += self._decode()
+                events += self._decode() if self.draft is None else self._speculate()
         return events
 
     # --- the three parts ------------------------------------------------------------------
@@ -313,10 +396,17 @@ class Scheduler:
         small = KVCache.for_model(self.model.config, 1, ids.shape[1], dtype=self.cache.dtype,
                                   device=self.device)
         logits = self.model(ids, cache=small, logits_to_keep=1).logits[0]  # (1, V)
+        drafted = None
+        if self.draft is not None:
+            drafted = KVCache.for_model(self.draft.config, 1, ids.shape[1],
+                                        dtype=self.draft_cache.dtype, device=self.device)
+            self.draft(ids, cache=drafted, logits_to_keep=1)
         events = []
         for k, i in enumerate(rows):
             row = _Row(request, k, self.tokenizer, self.device)
             self.cache.admit(i, small)
+            if drafted is not None:
+                self.draft_cache.admit(i, drafted)
             self.running[i] = row
             event = row.choose(logits[-1])
             event.prompt_logprobs = scored if k == 0 else None
@@ -336,14 +426,113 @@ class Scheduler:
                                               self.cache)
             logits = self.model.logits(hidden[:, -1])  # (span, V)
         except Exception as exc:  # the whole batch failed: fail its rows, keep serving
-            logger.exception("decoding step failed")
-            events = [Event(row.request.request_id, row.index, finish_reason="error",
-                            error=f"{type(exc).__name__}: {exc}")
-                      for row in self.running.values()]
-            for i in list(self.running):
-                self._retire(i)
-            return events
+            return self._fail_all(exc)
         return [self._after(i, self.running[i].choose(logits[i])) for i in list(self.running)]
+
+    def _fail_all(self, exc: Exception) -> list[Event]:
+        logger.exception("decoding step failed")
+        events = [Event(row.request.request_id, row.index, finish_reason="error",
+                        error=f"{type(exc).__name__}: {exc}")
+                  for row in self.running.values()]
+        for i in list(self.running):
+            self._retire(i)
+        return events
+
+    # --- speculative decoding (a draft model; see the module docstring) ---------------------
+
+    def _speculate(self) -> list[Event]:
+        ks = {i: row.proposals(self.max_model_len) for i, row in self.running.items()}
+        k = max(ks.values())
+        pad = self.model.config.pad_token_id
+        tokens = torch.full((self.cache.rows, k + 1), pad, dtype=torch.long)
+        try:
+            drafts, q = self._propose(ks, k)
+            for i, row in self.running.items():  # (rows, k+1): last token, proposals, pad
+                tokens[i, :ks[i] + 1] = torch.tensor(row.history[-1:] + drafts[i])
+            logits = self._forward(self.model, self.cache, tokens)  # (span, k+1, V)
+        except Exception as exc:  # the whole batch failed: fail its rows, keep serving
+            return self._fail_all(exc)
+        self.speculative.rounds += 1
+        return [self._after(i, self._accept(i, logits[i], drafts[i], q.get(i)))
+                for i in list(self.running)]
+
+    def _forward(self, model: nn.Module, cache: RowCache, tokens: torch.Tensor
+                 ) -> torch.Tensor:
+        """``model``'s logits (span, T, V) of ``tokens`` (rows, T) after each row's cache."""
+        positions, mask = cache.step_inputs(tokens.shape[1])
+        # Padding past a row's budget may run past the position table: it is rolled back.
+        positions = positions.clamp(max=model.config.max_position_embeddings - 1)
+        span = positions.shape[0]
+        hidden = model.model.decoder(tokens[:span].to(self.device), positions, mask, cache)
+        return model.logits(hidden)
+
+    def _propose(self, ks: dict[int, int], k: int
+                 ) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
+        """Each running row's ``ks[i]`` draft tokens, and when sampling the distributions
+        (ks[i], V) they were drawn from; k draft forwards over all running rows."""
+        drafts: dict[int, list[int]] = {i: [] for i in self.running}
+        probs: dict[int, list[torch.Tensor]] = {i: [] for i in self.running}
+        if k == 0:
+            return drafts, {}
+        pad = self.model.config.pad_token_id
+        feed = torch.full((self.cache.rows, 2), pad, dtype=torch.long)
+        for i, row in self.running.items():  # the same count for every row: its last two
+            self.draft_cache.truncate_row(i, len(row.history) - 2)
+            feed[i] = torch.tensor(row.history[-2:])
+        for j in range(k):
+            logits = self._forward(self.draft, self.draft_cache, feed)[:, -1]  # (span, V)
+            # A draft row with NaN/inf logits (fp16 overflow, say) proposes from uniform
+            # logits: proposals only change how many are accepted, never the output.
+            logits = torch.where(torch.isfinite(logits.sum(-1, keepdim=True)), logits, 0.0)
+            feed = torch.full((self.cache.rows, 1), pad, dtype=torch.long)
+            for i, row in self.running.items():
+                if j >= ks[i]:
+                    continue
+                scores = row.scores(logits[i], drafts[i])
+                if row.generator is None:
+                    token = int(scores.argmax(-1)[0])
+                else:
+                    p = scores.softmax(-1)  # (1, V)
+                    token = int(torch.multinomial(p, 1, generator=row.generator)[0, 0])
+                    probs[i].append(p[0])
+                drafts[i].append(token)
+                feed[i, 0] = token
+        return drafts, {i: torch.stack(p) for i, p in probs.items() if p}
+
+    def _accept(self, i: int, logits: torch.Tensor, drafts: list[int],
+                q: torch.Tensor | None) -> Event:
+        """Row ``i``'s verified tokens from the target's ``logits`` (T, V) at its last token
+        and its proposals: the accepted prefix plus the target's own token, cut where EOS,
+        a stop string or the budget ends the row; both caches are rolled back to them."""
+        row, k = self.running[i], len(drafts)
+        scores = [row.scores(logits[j], drafts[:j]) for j in range(k + 1)]  # (1, V) each
+        if row.generator is None:
+            best = [int(s.argmax(-1)[0]) for s in scores]
+            accepted = next((j for j in range(k) if best[j] != drafts[j]), k)
+            tokens = best[:accepted + 1]
+        else:
+            p = torch.cat(scores).softmax(-1)[None]  # (1, k+1, V)
+            d = torch.tensor([drafts], dtype=torch.long, device=p.device)  # (1, k)
+            qs = None if q is None else q[None]  # (1, k, V)
+            n = accepted_prefix(p, qs, d, row.generator)
+            accepted = int(n[0])
+            last = final_tokens(p, qs, d, n, row.generator)
+            tokens = drafts[:accepted] + [int(last[0])]
+        event = row.emit(tokens[0], logits[0])
+        for j in range(1, len(tokens)):
+            if event.finish_reason is not None:  # cut here: the later tokens are dropped
+                break
+            event.extend(row.emit(tokens[j], logits[j]))
+        stats = self.speculative
+        stats.proposed += k
+        stats.accepted += accepted
+        stats.kept += min(accepted, len(event.token_ids))
+        row.adapt(k, accepted)
+        if event.finish_reason is None:  # keep what was emitted: all but the newest token
+            self.cache.truncate_row(i, len(row.history) - 1)
+            self.draft_cache.truncate_row(i, min(int(self.draft_cache.lengths[i]),
+                                                 len(row.history) - 2))
+        return event
 
     def _after(self, i: int, event: Event) -> Event:
         if event.finish_reason is not None:
@@ -352,4 +541,6 @@ class Scheduler:
 
     def _retire(self, i: int) -> None:
         self.cache.retire(i)
+        if self.draft_cache is not None:
+            self.draft_cache.retire(i)
         del self.running[i]
