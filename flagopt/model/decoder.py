@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flagopt.model.cache import Cache, KVCache, StaticCacheView
 from flagopt.model.config import OPTConfig
+from flagopt.model.linear import Linear
 from flagopt.model.outputs import ModelOutput
 
 # OPT's learned position table has 2 extra rows: position p is looked up at row p + 2.
@@ -97,18 +98,18 @@ class OPTAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = self.head_dim ** -0.5
         self.dropout = config.attention_dropout
-        self.q_proj = nn.Linear(h, h, bias=bias)
-        self.k_proj = nn.Linear(h, h, bias=bias)
-        self.v_proj = nn.Linear(h, h, bias=bias)
-        self.out_proj = nn.Linear(h, h, bias=bias)
-        self.qkv_proj: nn.Linear | None = None  # set by fuse_qkv()
+        self.q_proj = Linear(h, h, bias=bias)
+        self.k_proj = Linear(h, h, bias=bias)
+        self.v_proj = Linear(h, h, bias=bias)
+        self.out_proj = Linear(h, h, bias=bias)
+        self.qkv_proj: Linear | None = None  # set by fuse_qkv()
 
     def fuse_qkv(self) -> None:
         """Replace q/k/v by one projection (one matmul per step instead of three)."""
         if self.qkv_proj is not None:
             return
         q, k, v = self.q_proj, self.k_proj, self.v_proj
-        fused = nn.Linear(q.in_features, 3 * q.out_features, bias=q.bias is not None,
+        fused = Linear(q.in_features, 3 * q.out_features, bias=q.bias is not None,
                           device=q.weight.device, dtype=q.weight.dtype)
         with torch.no_grad():
             fused.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
@@ -173,8 +174,8 @@ class OPTDecoderLayer(nn.Module):
         self.activation = _activation(config.activation_function)
         self.self_attn = OPTAttention(config, layer_idx)
         self.self_attn_layer_norm = nn.LayerNorm(h, elementwise_affine=affine)
-        self.fc1 = nn.Linear(h, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = nn.Linear(config.ffn_dim, h, bias=config.enable_bias)
+        self.fc1 = Linear(h, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = Linear(config.ffn_dim, h, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(h, elementwise_affine=affine)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -221,8 +222,8 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, e, config.pad_token_id)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, h)
         # 350m: 512-wide embeddings, projected to the 1024-wide blocks and back, no bias.
-        self.project_in = nn.Linear(e, h, bias=False) if config.has_projections else None
-        self.project_out = nn.Linear(h, e, bias=False) if config.has_projections else None
+        self.project_in = Linear(e, h, bias=False) if config.has_projections else None
+        self.project_out = Linear(h, e, bias=False) if config.has_projections else None
         self.final_layer_norm = (
             nn.LayerNorm(h, elementwise_affine=config.layer_norm_elementwise_affine)
             if config.has_final_layer_norm else None)

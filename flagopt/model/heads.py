@@ -14,6 +14,7 @@ from torch import nn
 
 from flagopt.model.cache import KVCache
 from flagopt.model.config import OPTConfig
+from flagopt.model.linear import Linear
 from flagopt.model.decoder import OPTModel
 from flagopt.model.outputs import ModelOutput
 
@@ -70,7 +71,7 @@ class OPTForCausalLM(_OPTHead):
 
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa") -> None:
         super().__init__(config, attn_implementation)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.tie_weights()
 
     @property

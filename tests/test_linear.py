@@ -1,0 +1,67 @@
+"""The decoder's Linear: float32 CPU products of 2-32 rows computed as W @ x^T, the same
+numbers to float32 rounding, everything else plain F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flagopt.model import linear as linear_module
+from flagopt.model.linear import MAX_ROWS, MIN_ROWS, Linear
+
+
+def _layer(bias: bool, dtype=torch.float32, seed: int = 0) -> Linear:
+    torch.manual_seed(seed)
+    return Linear(96, 200, bias=bias).to(dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 5, 32, 33, 64])
+def test_agrees_with_f_linear(rows: int, bias: bool) -> None:
+    layer = _layer(bias)
+    x = torch.randn(rows, 3, 96)[:, 0]  # not contiguous
+    want = F.linear(x, layer.weight, layer.bias)
+    got = layer(x)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if not MIN_ROWS <= rows <= MAX_ROWS:
+        assert torch.equal(got, want)  # plain F.linear
+
+
+def test_the_rows_in_range_run_as_w_times_x_transposed() -> None:
+    layer = _layer(bias=True)
+    x = torch.randn(2, 4, 96)  # 8 rows, batch and sequence dimensions kept
+    want = torch.addmm(layer.bias[:, None], layer.weight, x.reshape(8, 96).t()).t()
+    assert torch.equal(layer(x), want.reshape(2, 4, 200))
+
+
+def test_other_dtypes_and_the_switch_are_plain_f_linear(monkeypatch) -> None:
+    layer = _layer(bias=True, dtype=torch.bfloat16)
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    monkeypatch.setattr(linear_module, "MAX_ROWS", 0)
+    layer = _layer(bias=True)
+    x = torch.randn(4, 96)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_gradients_match_f_linear() -> None:
+    layer = _layer(bias=True)
+    x = torch.randn(6, 96, requires_grad=True)
+    layer(x).square().sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
+    for t in (x, layer.weight, layer.bias):
+        t.grad = None
+    F.linear(x, layer.weight, layer.bias).square().sum().backward()
+    for got, t in zip(grads, (x, layer.weight, layer.bias)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_is_an_nn_linear_with_its_state_dict() -> None:
+    layer = _layer(bias=True)
+    assert isinstance(layer, nn.Linear)
+    plain = nn.Linear(96, 200)
+    plain.load_state_dict(layer.state_dict())
+    assert list(plain.state_dict()) == list(layer.state_dict())
