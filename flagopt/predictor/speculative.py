@@ -288,21 +288,21 @@ class SpeculativeChooser(Chooser):
         live = [i for i, c in enumerate(self.complete) if not c]
         need = [end - n for n in self.lengths]  # tokens each row may still add
         k = min(self.policy.k, max(need[i] for i in live) - 1)
-        started = time.perf_counter()
         if cache.length + k + 1 > cache.capacity:
             self._compact(state, live)
+        started = time.perf_counter()  # after a compaction: not a cost of this k
         device = state.tokens.device
         slot = cache.length  # each row's newest token goes here, its proposals after it
         lengths = torch.tensor(self.lengths, device=device)
         self.slot_tokens[:, slot] = self.seq.gather(1, lengths[:, None] - 1)[:, 0]
         # Slots a row cannot use (it is finished, or past its last position) stay masked.
-        room = torch.tensor([need[i] if i in live else 0 for i in range(len(need))],
+        alive = set(live)
+        room = torch.tensor([n if i in alive else 0 for i, n in enumerate(need)],
                             device=device)
         j = torch.arange(k + 1, device=device)
         self.slot_mask[:, slot:slot + k + 1] = (j[None] < room[:, None]).long()
         drafts, q = self._propose(state, k, slot)  # (R, k), (R, k, V) or None
         proposed = _seconds(drafts, started)
-        self._proposing = proposed
         logits = self._run(self.model, cache, self.slot_tokens[:, slot:slot + k + 1])
         scores = [self._process(logits[:, i], drafts[:, :i]) for i in range(k + 1)]
         if self.generator is None:
@@ -333,7 +333,7 @@ class SpeculativeChooser(Chooser):
         cache.truncate(used)
         self.draft_cache.truncate(min(self.draft_cache.length, used))
         self._count(k, kept, agreed, live)
-        self.policy.update(k, sum(kept[i] for i in live) / len(live), self._step_seconds(k),
+        self.policy.update(k, sum(kept[i] for i in live) / len(live), self._step_seconds(k, proposed),
                            time.perf_counter() - started)
 
     def _keep(self, tokens: torch.Tensor, logp: torch.Tensor, finite: torch.Tensor,
@@ -348,13 +348,13 @@ class SpeculativeChooser(Chooser):
         for buf, new in ((self.seq, tokens), (self.logp, logp), (self.finite, finite)):
             buf.scatter_(1, index, torch.where(take, new, buf.gather(1, index)))
 
-    def _step_seconds(self, k: int) -> float | None:
+    def _step_seconds(self, k: int, proposing: float) -> float | None:
         """Seconds of one draft step in the last round: its one-token steps, or the
         catch-up step when it fed at most 2 tokens (a long catch-up after rounds without a
         draft is no step's cost); None when neither was run."""
         behind, catch_up = self._catch_up
         if k >= 2:
-            return (self._proposing - catch_up) / (k - 1)
+            return (proposing - catch_up) / (k - 1)
         return catch_up if k == 1 and behind <= 2 else None
 
     def _count(self, k: int, kept: list[int], agreed: list[int], live: list[int]) -> None:
