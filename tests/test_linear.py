@@ -1,5 +1,5 @@
-"""The decoder's Linear: float32 CPU products of 2-32 rows computed as W @ x^T, the same
-numbers to float32 rounding, everything else plain F.linear."""
+"""The decoder's Linear: float32 CPU products of a CPU-dependent window of row counts
+computed as W @ x^T, the same numbers to float32 rounding, everything else plain F.linear."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def test_agrees_with_f_linear(rows: int, bias: bool) -> None:
         assert torch.equal(got, want)  # plain F.linear
 
 
-def test_the_rows_in_range_run_as_w_times_x_transposed() -> None:
+def test_the_rows_in_range_run_as_w_times_x_transposed(monkeypatch) -> None:
+    monkeypatch.setattr(linear_module, "MIN_ROWS", 2)  # whatever this CPU's window is
+    monkeypatch.setattr(linear_module, "MAX_ROWS", 32)
     layer = _layer(bias=True)
     x = torch.randn(2, 4, 96)  # 8 rows, batch and sequence dimensions kept
     want = torch.addmm(layer.bias[:, None], layer.weight, x.reshape(8, 96).t()).t()
@@ -65,3 +67,10 @@ def test_is_an_nn_linear_with_its_state_dict() -> None:
     plain = nn.Linear(96, 200)
     plain.load_state_dict(layer.state_dict())
     assert list(plain.state_dict()) == list(layer.state_dict())
+
+
+def test_the_window_comes_from_the_cpu_capability() -> None:
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert (MIN_ROWS, MAX_ROWS) == linear_module.ROW_WINDOWS.get(capability, (0, -1))
+    for low, high in linear_module.ROW_WINDOWS.values():
+        assert 2 <= low <= high  # one row is always F.linear

@@ -5,11 +5,14 @@ computed the way round that streams the weights fastest.
 small batch decoding, or speculative decoding verifying a few proposals), MKL's kernel for
 that shape streams the weights at a fraction of the memory bandwidth. The same product
 written as ``(W @ x^T + b)^T`` (``addmm`` with the weights as the left operand) runs 1.5-3×
-faster (measured on a 2-core AVX2 machine with torch 2.13's MKL; ``benchmarks/bench.py``
-shows the effect on whole models). Both are float32 products of the same numbers summed in
-a different order: they agree to float32 rounding, as ``F.linear`` at two row counts does
-(tests check the agreement and the reference's tokens). One row, more than 32 rows, other
-dtypes and devices are plain ``F.linear``.
+faster. Where it pays depends on the CPU: on a 2-core AVX2 EPYC (torch 2.13's MKL) it did for
+2 to 32 rows; on a 2-core AVX-512 Xeon, ``F.linear`` reads the weights once for 2 rows (as
+fast as for one) and ``W @ x^T`` wins only from 8 rows to 32. ``ROW_WINDOWS`` holds those
+measurements by torch's CPU capability; a capability not measured gets plain ``F.linear``.
+Both forms are float32 products of the same numbers summed in a different order: they agree
+to float32 rounding, as ``F.linear`` at two row counts does (tests check the agreement and
+the reference's tokens). Rows outside the window, other dtypes and devices are plain
+``F.linear``.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_ROWS, MAX_ROWS = 2, 32  # the row counts computed as W @ x^T (measured faster)
+# torch.backends.cpu.get_cpu_capability() -> the row counts computed as W @ x^T (measured
+# faster there with torch 2.13: benchmarks/RESULTS.md, "small-batch fp32 GEMMs")
+ROW_WINDOWS: dict[str, tuple[int, int]] = {"AVX2": (2, 32), "AVX512": (8, 32)}
+MIN_ROWS, MAX_ROWS = ROW_WINDOWS.get(torch.backends.cpu.get_cpu_capability(), (0, -1))
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, state dict and, to float32 rounding, results) whose
-    float32 CPU products of ``MIN_ROWS`` to ``MAX_ROWS`` rows run as ``W @ x^T`` (see the
-    module docstring)."""
+    float32 CPU products of ``MIN_ROWS`` to ``MAX_ROWS`` rows (this CPU's window in
+    ``ROW_WINDOWS``) run as ``W @ x^T`` (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return linear(x, self.weight, self.bias)
