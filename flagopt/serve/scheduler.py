@@ -30,9 +30,11 @@ c. **accept**: each row keeps its own agreeing prefix (greedy: the target's argm
    to the first cut, the rest are dropped;
 d. **roll back**: both caches forget each row's rejected positions (``truncate_row``); the
    draft's cache lacks the last proposal and the target's token, which the next step's
-   first draft forward feeds. k_i grows by 2 when all proposals were kept, else drops by 1,
-   within [1, K_MAX]: per row, since acceptance depends on the request, and so a seeded
-   row draws the same random numbers whatever else runs beside it.
+   first draft forward feeds. k_i follows the offline engine's ``AcceptanceK`` rule (+2
+   after a step that kept at least 3/4 of the proposals, -1 after one that kept fewer than
+   half, within [1, K_MAX]): per row, since acceptance depends on the request, and from the
+   acceptance alone (not timings), so a seeded row draws the same random numbers whatever
+   else runs beside it.
 
 Every row chooses its tokens with its own processors (``build_logits_processors``), its own
 ``torch.Generator`` and its own stop rules (``EosCriterion``, ``StopAwareStream`` around
@@ -61,7 +63,7 @@ from flagopt.predictor.predictor import StopAwareStream
 from flagopt.predictor.processors import LogitsProcessor, apply_processors, \
     build_logits_processors, sample
 from flagopt.predictor.scoring import Window, score_windows
-from flagopt.predictor.speculative import K_MAX, K_START, accepted_prefix, check_draft, \
+from flagopt.predictor.speculative import K_MAX, AcceptanceK, accepted_prefix, check_draft, \
     final_tokens
 from flagopt.predictor.stopping import EosCriterion
 from flagopt.tokenizer import OPTTokenizer
@@ -165,7 +167,7 @@ class _Row:
                 self.generator.manual_seed((params.seed + index) % 2 ** 63)
         self.eos = EosCriterion(params.eos_token_ids, "cpu")
         self.text = StopAwareStream(tokenizer, params.stop)
-        self.k = K_START  # proposals per step with a draft (adapted by ``adapt``)
+        self.k_rule = AcceptanceK()  # proposals per step with a draft (see ``adapt``)
 
     def scores(self, logits: torch.Tensor, tentative: Sequence[int] = ()) -> torch.Tensor:
         """Processed float32 scores (1, V) of ``logits`` (V,), the position after the history
@@ -208,12 +210,13 @@ class _Row:
         target's own token within the budget and ``max_model_len``."""
         left = min(self.request.max_tokens - self.generated,
                    max_model_len - len(self.history))
-        return max(0, min(self.k, left - 1))
+        return max(0, min(self.k_rule.k, left - 1))
 
     def adapt(self, proposed: int, kept: int) -> None:
-        """k + 2 after a step whose ``proposed`` tokens were all kept, else k - 1."""
+        """Adapt the row's k to a step that kept ``kept`` of its ``proposed`` tokens (the
+        offline engine's ``AcceptanceK``; a step with nothing proposed says nothing)."""
         if proposed:
-            self.k = min(self.k + 2, K_MAX) if kept == proposed else max(1, self.k - 1)
+            self.k_rule.update(proposed, kept, None, 0.0)
 
 
 def _logprob_of(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
