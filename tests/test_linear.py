@@ -74,3 +74,25 @@ def test_the_window_comes_from_the_cpu_capability() -> None:
     assert (MIN_ROWS, MAX_ROWS) == linear_module.ROW_WINDOWS.get(capability, (0, -1))
     for low, high in linear_module.ROW_WINDOWS.values():
         assert 2 <= low <= high  # one row is always F.linear
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (96,)])
+def test_one_bf16_row_agrees_with_f_linear(monkeypatch, shape, bias: bool) -> None:
+    monkeypatch.setattr(linear_module, "ONE_ROW_MV", True)  # whatever this CPU is
+    layer = _layer(bias, dtype=torch.bfloat16)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    got = layer(x)
+    assert got.shape == (*shape[:-1], 200) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-2, atol=1e-2)
+
+
+def test_one_bf16_row_is_as_accurate_as_f_linear(monkeypatch) -> None:
+    monkeypatch.setattr(linear_module, "ONE_ROW_MV", True)
+    torch.manual_seed(1)
+    layer = Linear(512, 64).to(torch.bfloat16)
+    x = torch.relu(torch.randn(40, 1, 512)).to(torch.bfloat16)  # 40 one-row products
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    ours = torch.stack([layer(row) for row in x]).double()
+    plain = F.linear(x, layer.weight, layer.bias).double()
+    assert (ours - exact).abs().mean() <= 1.05 * (plain - exact).abs().mean() + 1e-6
