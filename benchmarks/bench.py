@@ -1,7 +1,7 @@
 """flagopt against its peers (transformers, CTranslate2) on random-weight OPT checkpoints.
 
     python benchmarks/bench.py [--models opt-125m,opt-1.3b] [--device cpu] [--dtypes ...]
-        [--quantize int8] [--draft int8,opt-125m] [--peers transformers,ctranslate2]
+        [--quantize int8,w8a8] [--draft int8,opt-125m] [--peers transformers,ctranslate2]
         [--out benchmarks/results] [--repeats 3] [--quick]
 
 Every measurement runs in a fresh process (``bench.py --worker SPEC`` prints one JSON line),
@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtypes", help="float32,bfloat16,float16 (default float32,bfloat16 on "
                    "cpu, float16 on cuda)")
-    p.add_argument("--quantize", choices=("int8",), help="also run flagopt with int8 weights")
+    p.add_argument("--quantize", default="",
+                   help="also run flagopt quantized: int8 (weight-only) and/or w8a8 (int8 "
+                        "activations in products of 2+ rows), comma-separated")
     p.add_argument("--int8-compute-dtype", help="activation dtype of flagopt's int8 runs "
                    "(default bfloat16 on cpu, float16 on cuda)")
     p.add_argument("--draft", help="speculative decoding, batch-1 greedy: 'int8' (the "
@@ -103,6 +105,10 @@ def _defaults(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     bad = [d for d in args.dtypes if d not in ("float32", "float16", "bfloat16")]
     if bad:
         p.error(f"--dtypes {bad}: expected float32, float16 or bfloat16")
+    args.quantize = _csv(args.quantize)
+    bad = [m for m in args.quantize if m not in ("int8", "w8a8")]
+    if bad:
+        p.error(f"--quantize {bad}: expected int8 and/or w8a8")
     args.int8_compute_dtype = args.int8_compute_dtype or ("float16" if cuda else "bfloat16")
     args.draft = _csv(args.draft)
     for name in args.draft:
@@ -364,9 +370,9 @@ def plan_model(args: argparse.Namespace, name: str, checkpoint: Path,
                 threads=args.threads, seed=args.seed, **settings)
     per_engine: dict[str, list[dict]] = {}
     flag = [dict(variant=d, label=d, compute_dtype=d) for d in args.dtypes]
-    if args.quantize:
-        flag.append(dict(variant="int8", label=f"int8 ({args.int8_compute_dtype} act.)",
-                         compute_dtype=args.int8_compute_dtype, quantize=args.quantize))
+    for mode in args.quantize:
+        flag.append(dict(variant=mode, label=f"{mode} ({args.int8_compute_dtype} act.)",
+                         compute_dtype=args.int8_compute_dtype, quantize=mode))
     speculative = speculative_configs(args, drafts or {})
     flag += speculative["flagopt"]
     per_engine["flagopt"] = [dict(c, engine="flagopt", options=args.flagopt_options)

@@ -69,7 +69,7 @@ MODELS: dict[str, ModelSpec] = {
 }
 DEFAULT_MODELS = ("opt-125m", "opt-350m", "opt-1.3b")
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "w8a8": 1}
 
 
 def model_spec(name: str) -> ModelSpec:

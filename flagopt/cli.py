@@ -35,6 +35,12 @@ from typing import NoReturn
 
 from flagopt.errors import FlagOptError
 
+# flagopt.model.quantize.QUANTIZE_MODES, spelled out so that --help needs no torch import
+# (tests/test_cli.py checks that the two agree)
+QUANTIZE_CHOICES = ("int8", "w8a8")
+QUANTIZE_HELP = ("int8: int8 weights (weight-only); w8a8: the same weights and int8 activations "
+                 "in batches and prefill (faster on CPUs with int8 matrix units, less exact)")
+
 
 # GenerationParams fields and the flags that set them, so that errors name the flag.
 FLAGS = {"max_new_tokens": "--max-new-tokens", "input_max_length": "--input-max-length",
@@ -82,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model-dir", help="where models are stored (default $FLAGOPT_HOME)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--dtype", help="float32, float16 or bfloat16")
-    gen.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization")
+    gen.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     gen.add_argument("--lora", metavar="DIR", help="a PEFT LoRA adapter directory, merged "
                      "into the weights as they load")
     gen.add_argument("--compile", action="store_true",
@@ -141,7 +147,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--model-dir", help="where models are stored (default $FLAGOPT_HOME)")
     srv.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     srv.add_argument("--dtype", help="float32, float16 or bfloat16")
-    srv.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantization")
+    srv.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     srv.add_argument("--lora", metavar="DIR", help="a PEFT LoRA adapter directory, merged "
                      "into the weights as they load")
     srv.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"),

@@ -58,21 +58,20 @@ def test_quick_run_reports_every_metric_for_flagopt_and_transformers(tmp_path):
 
 def test_sharded_int8_only_flagopt_path(tmp_path):
     """The opt-13b path (sharded decoder.* checkpoint, int8, no peers) at a tiny size."""
-    doc, md = run_bench(tmp_path, "--models", "tiny-sharded", "--quantize", "int8",
+    doc, md = run_bench(tmp_path, "--models", "tiny-sharded", "--quantize", "int8,w8a8",
                         "--only-flagopt", "--dtypes", "float32")
     shards = list((tmp_path / "work" / "checkpoints" / "tiny-sharded-bin").glob("*-of-*.bin"))
     assert len(shards) == 3
     configs = {c["variant"]: c for c in doc["configs"]}
-    assert set(configs) == {"float32", "int8"}
+    assert set(configs) == {"float32", "int8", "w8a8"}
     assert all(c["engine"] == "flagopt" for c in configs.values())
-    assert configs["float32"]["status"] == "ok"
-    # int8 is "unavailable" (with the reason) until load_pretrained takes quantize=.
-    assert configs["int8"]["status"] in ("ok", "unavailable"), configs["int8"]["reason"]
+    for variant in ("float32", "int8", "w8a8"):
+        assert configs[variant]["status"] == "ok", configs[variant].get("reason")
     for config in configs.values():
         if config["status"] == "ok":
             assert config["median"]["peak_rss_end_bytes"] > 0
             assert config["median"]["decode_tok_s"] > 0
-    assert "int8" in md
+    assert "int8" in md and "w8a8" in md
 
 
 def test_speculative_mode_with_its_assisted_generation_peer(tmp_path):

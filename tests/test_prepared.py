@@ -32,7 +32,7 @@ CONFIGS = {
     "untied": dict(extra={"tie_word_embeddings": False}),
 }
 KINDS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
-         "int8": (torch.bfloat16, "int8")}
+         "int8": (torch.bfloat16, "int8"), "w8a8": (torch.bfloat16, "w8a8")}
 
 
 def _checkpoint(directory: Path, layout: str = "safetensors", seed: int = 0, **overrides

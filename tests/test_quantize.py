@@ -1,4 +1,5 @@
-"""int8 weight-only quantization: the kernels, load-time quantization and its quality cost."""
+"""int8 quantization (weight-only "int8" and "w8a8"): the kernels, load-time quantization and
+its quality cost."""
 
 from __future__ import annotations
 
@@ -132,3 +133,96 @@ def test_fused_int8_kernel_passes_gradients_to_its_input():
     want = (w * scale) @ q.float()  # exact dL/dx for the dequantized weight
     torch.testing.assert_close(x.grad.float(), want, rtol=0.02, atol=0.05)
     assert x.grad.abs().sum() > 0
+
+
+# --- "w8a8": int8 activations in products of 2+ rows ---------------------------------------
+
+
+def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x.double(), q.double() * scale.double()[:, None])
+
+
+@pytest.mark.parametrize("rows", [2, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_linear_is_close_to_the_weight_only_product(rows: int, dtype) -> None:
+    torch.manual_seed(rows)
+    q, scale = quantize_rows(torch.randn(96, 64))
+    x = torch.randn(rows, 64).to(dtype)
+    y = int8_linear(x, q, scale.to(dtype), None, int8_activations=True)
+    assert y.dtype == dtype and y.shape == (rows, 96)
+    exact = _exact(x, q, scale)
+    rel = float((y.double() - exact).norm() / exact.norm())
+    assert 0 < rel < 0.02, rel  # activation rounding: close, not the weight-only bits
+    weight_only = int8_linear(x, q, scale.to(dtype), None)
+    assert not torch.equal(y, weight_only)
+
+
+def test_w8a8_keeps_one_row_on_the_weight_only_kernel() -> None:
+    q, scale = quantize_rows(torch.randn(96, 64))
+    x = torch.randn(1, 1, 64).bfloat16()
+    assert torch.equal(int8_linear(x, q, scale.bfloat16(), None, int8_activations=True),
+                       int8_linear(x, q, scale.bfloat16(), None))
+
+
+def test_w8a8_outlier_features_stay_out_of_int8(monkeypatch) -> None:
+    # OPT's large-model activations have a few feature dimensions far above the rest; in
+    # int8 they would coarsen every other entry of their row (LLM.int8()).
+    from flagopt.model import quantize
+
+    torch.manual_seed(0)
+    q, scale = quantize_rows(torch.randn(128, 256))
+    x = torch.randn(16, 256)
+    x[:, [3, 77]] *= 40.0  # two outlier dimensions, |x| up to ~150
+    exact = _exact(x, q, scale)
+    error = lambda y: float((y.double() - exact).norm() / exact.norm())  # noqa: E731
+    mixed = error(quantize.w8a8_linear(x, q, scale))
+    monkeypatch.setattr(quantize, "OUTLIER_THRESHOLD", float("inf"))
+    naive = error(quantize.w8a8_linear(x, q, scale))
+    assert mixed < 0.02 and naive > 3 * mixed, (mixed, naive)
+
+
+def test_w8a8_rows_of_a_batch_agree_with_each_row_alone() -> None:
+    torch.manual_seed(1)
+    q, scale = quantize_rows(torch.randn(96, 64))
+    x = torch.randn(8, 2, 64)
+    x[3, 1, 5] = 30.0  # an outlier in one row only: the others' products must not change
+    batched = int8_linear(x, q, scale, None, int8_activations=True)
+    alone = torch.stack([int8_linear(x[i], q, scale, None, int8_activations=True)
+                         for i in range(8)])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_w8a8_model_loads_and_stays_close_to_int8(tmp_path) -> None:
+    from flagopt.model.prepared import load_prepared
+
+    directory, _ = _checkpoint(tmp_path)
+    int8 = load_pretrained(directory, dtype=torch.bfloat16, quantize="int8")
+    w8a8 = load_pretrained(directory, dtype=torch.bfloat16, quantize="w8a8")
+    layers = [m for m in w8a8.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.int8_activations for m in layers)
+    assert not any(m.int8_activations for m in int8.modules() if isinstance(m, Int8Linear))
+    for (name, a), (_, b) in zip(int8.state_dict().items(), w8a8.state_dict().items()):
+        assert torch.equal(a, b), name  # the same int8 weights and scales
+    ids = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = int8(ids).logits.float(), w8a8(ids).logits.float()
+    assert 0 < float((a - b).norm() / a.norm()) < 0.05
+    warm = [load_prepared(directory, dtype=torch.bfloat16, quantize="w8a8") for _ in range(2)]
+    with torch.no_grad():  # the prepared cache keeps the mode
+        assert torch.equal(warm[1](ids).logits, w8a8(ids).logits)
+    params = GenerationParams(max_new_tokens=12, eos_token_ids=())
+    same = generate(int8, ids, None, params).sequences == generate(w8a8, ids, None,
+                                                                     params).sequences
+    assert float(same.float().mean()) > 0.8
+
+
+def test_w8a8_from_the_autoloader_and_the_cli_choices(tmp_path) -> None:
+    from flagopt import cli
+    from flagopt.auto_model import AutoLoader
+    from flagopt.auto_model.auto_loader import QUANTIZE_MODES
+    from flagopt.model.quantize import QUANTIZE_MODES as MODES
+
+    assert cli.QUANTIZE_CHOICES == MODES and QUANTIZE_MODES == (None, *MODES)
+    directory, _ = _checkpoint(tmp_path / "m")
+    model = AutoLoader("lm", str(directory), quantize="w8a8").get_model()
+    assert model.lm_head.int8_activations and model.lm_head.scale.dtype == torch.bfloat16

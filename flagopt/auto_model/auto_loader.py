@@ -32,6 +32,7 @@ from flagopt.model.decoder import ATTENTION_IMPLEMENTATIONS
 from flagopt.model.heads import TASK_CLASSES
 from flagopt.model.loading import fresh_model, load_pretrained
 from flagopt.model.prepared import load_prepared
+from flagopt.model.quantize import QUANTIZE_MODES as WEIGHT_QUANTIZE_MODES
 from flagopt.tokenizer import OPTTokenizer
 
 __all__ = ["AutoLoader", "DTYPES", "TASKS", "LoadOptions", "resolve_device", "resolve_dtype",
@@ -45,7 +46,7 @@ TASK_ALIASES = {"seq2seq": "lm", "seq_cls": "classification", "cls": "classifica
 DTYPES = {"float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-QUANTIZE_MODES = (None, "int8")
+QUANTIZE_MODES = (None, *WEIGHT_QUANTIZE_MODES)
 # FlagAI callers pass these; they do not change loading, so they are accepted and ignored.
 IGNORED_KWARGS = ("use_cache", "checkpoint_activations")
 OPTION_KWARGS = ("dtype", "torch_dtype", "fp16", "num_labels", "class_num",
@@ -99,7 +100,8 @@ class AutoLoader:
             default float16 on CUDA, float32 elsewhere) or FlagAI's ``fp16=True``;
             ``num_labels`` (FlagAI: ``class_num``) for classification; ``attn_implementation``
             (``"sdpa"``/``"eager"``); ``quantize`` (``"int8"``: int8 weights,
-            bf16 activations on CPU unless a dtype is given); ``registry`` (extra
+            bf16 activations on CPU unless a dtype is given; ``"w8a8"``: the same weights
+            and int8 activations in products of 2+ rows); ``registry`` (extra
             registry path or dict); hub options ``endpoint``, ``offline``, ``progress``,
             ``token``; ``lora_dir`` (alias ``adapter_dir``): a PEFT LoRA adapter directory,
             merged into the weights in float as they load (before int8 quantization) unless
@@ -250,7 +252,7 @@ def _parse_options(task_name: str, device: str | torch.device | None,
     elif not isinstance(prepared, bool):
         raise TypeError(f"prepared_cache={prepared!r}; expected True or False")
     dtype = resolve_dtype(kwargs, target)
-    if quantize == "int8" and target.type == "cpu" and not _dtype_given(kwargs):
+    if quantize is not None and target.type == "cpu" and not _dtype_given(kwargs):
         dtype = torch.bfloat16  # the fused CPU int8 kernel takes bf16 activations
     lora_dir, merge = _lora_options(kwargs)
     return LoadOptions(task=task, device=target, dtype=dtype,

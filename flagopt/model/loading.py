@@ -58,6 +58,8 @@ def load_pretrained(directory: str | os.PathLike,
         quantize: ``"int8"`` stores every linear layer and the tied embedding/LM head as
             int8 with per-output-channel scales, quantizing each tensor as it is read (the
             full-precision model never exists); ``dtype`` is then the activation dtype.
+            ``"w8a8"``: the same weights, and products of 2+ rows with int8 activations too
+            (``quantize.py``: faster batches and prefill on CPUs with int8 matrix units).
         transform: ``transform(name, tensor)`` is applied to each tensor as it is read,
             before it is checked, converted to ``dtype`` and quantized (how a LoRA adapter is
             merged in float before int8: ``adapters.LoadMerger``).
@@ -77,8 +79,8 @@ def load_pretrained(directory: str | os.PathLike,
         model = model_class(config, attn_implementation=attn_implementation)
     assign_hook = None
     read_dtype = dtype
-    if quantize == "int8":
-        int8_modules(model, dtype)
+    if quantize is not None:
+        int8_modules(model, dtype, quantize)
         assign_hook = _int8_assign(dtype, device)
         read_dtype = None  # quantized straight from the mapped source, pages dropped after
     expected = dict(model.named_parameters(remove_duplicate=False))

@@ -213,8 +213,8 @@ def _meta_model(model_class: type[nn.Module], config: OPTConfig, attn_implementa
     """The empty model as ``load_pretrained`` builds it before reading any tensor."""
     with torch.device("meta"), loading.no_init():
         model = model_class(config, attn_implementation=attn_implementation)
-    if quantize == "int8":
-        int8_modules(model, dtype)
+    if quantize is not None:
+        int8_modules(model, dtype, quantize)
     return model
 
 
