@@ -16,11 +16,11 @@ Two modes, the same int8 weights:
   prefill, speculative verification) int8 activations too, on torch's int8 GEMM
   (``torch._int_mm``, int32 sums). Each row is quantized on its own (symmetric, per row),
   after LLM.int8()'s decomposition: activation entries above ``OUTLIER_THRESHOLD`` in
-  magnitude (OPT from 6.7b up has a few feature dimensions of them) stay in the compute dtype
-  and go through a dense product over just those columns. On CPUs with int8 matrix
-  instructions (AMX, VNNI) that GEMM runs 5-9x faster than the fused kernel at 32-256 rows;
-  the price is activation rounding (about 3x the weight-only error on a product) and rows
-  of a batch that agree with the row alone to rounding, not bit for bit.
+  magnitude (OPT from 6.7b up has a few feature dimensions of them) stay out of int8 and go
+  through a float32 product over just those columns. On an AMX CPU that GEMM ran 5-9x faster
+  than the fused kernel at 32-256 rows; the price is activation rounding (3-4x the
+  weight-only error on a product) and rows of a batch that agree with the row alone to
+  rounding, not bit for bit.
 """
 
 from __future__ import annotations
