@@ -70,8 +70,10 @@ def test_is_an_nn_linear_with_its_state_dict() -> None:
 
 
 def test_the_window_comes_from_the_cpu_capability() -> None:
-    capability = torch.backends.cpu.get_cpu_capability()
-    assert (MIN_ROWS, MAX_ROWS) == linear_module.ROW_WINDOWS.get(capability, (0, -1))
+    key = linear_module.cpu_key()
+    assert key.startswith(torch.backends.cpu.get_cpu_capability())
+    assert (MIN_ROWS, MAX_ROWS) == linear_module.ROW_WINDOWS.get(key, (0, -1))
+    assert linear_module.ONE_ROW_MV == (key in linear_module.MV_CAPABILITIES)
     for low, high in linear_module.ROW_WINDOWS.values():
         assert 2 <= low <= high  # one row is always F.linear
 

@@ -5,20 +5,22 @@ of a few float32 rows computed the way that streams the weights fastest.
 small batch decoding, or speculative decoding verifying a few proposals), MKL's kernel for
 that shape streams the weights at a fraction of the memory bandwidth. The same product
 written as ``(W @ x^T + b)^T`` (``addmm`` with the weights as the left operand) runs 1.5-3×
-faster. Where it pays depends on the CPU: on a 2-core AVX2 EPYC (torch 2.13's MKL) it did for
-2 to 32 rows; on a 2-core AVX-512 Xeon, ``F.linear`` reads the weights once for 2 rows (as
-fast as for one) and ``W @ x^T`` wins only from 8 rows to 32. ``ROW_WINDOWS`` holds those
-measurements by torch's CPU capability; a capability not measured gets plain ``F.linear``.
+faster. Where it pays depends on the CPU: on 2-core AVX2 and AVX-512 EPYCs (torch 2.13's MKL)
+it did for 2 to 32 rows; on a 2-core AVX-512 Xeon with AMX, ``F.linear`` reads the weights
+once for 2 rows (as fast as for one) and ``W @ x^T`` wins only from 8 rows to 32.
+``ROW_WINDOWS`` holds those measurements (``benchmarks/linear_kernels.py``) by ``cpu_key()``;
+a CPU not measured gets plain ``F.linear``.
 Both forms are float32 products of the same numbers summed in a different order: they agree
 to float32 rounding, as ``F.linear`` at two row counts does (tests check the agreement and
 the reference's tokens). Rows outside the window, other dtypes and devices are plain
 ``F.linear``.
 
-One bfloat16 row (batch-1 decoding in bf16): on the AVX-512 Xeon, ``F.linear`` streams the
-weights at ~16 GB/s and ``addmv`` (matrix-vector) at ~25 GB/s (opt-1.3b bf16 decoding 9.0 vs
-6.5 tok/s). Both sum in float32 and round once to bf16; most products come out bit-identical,
-long rows (fc2's 8192 inputs) now and then differ in the last bit, with the same mean error
-against a float64 product. ``MV_CAPABILITIES`` lists where that was measured; elsewhere it
+One bfloat16 row (batch-1 decoding in bf16): on the AVX-512 Xeon with AMX, ``F.linear``
+streams the weights at ~16 GB/s and ``addmv`` (matrix-vector) at ~25 GB/s (opt-1.3b bf16
+decoding 9.0 vs 6.5 tok/s in an ad-hoc A/B); on the AVX-512 EPYC without AMX it is the other
+way round (``addmv`` 0.6-0.8x). Both sum in float32 and round once to bf16; most products
+come out bit-identical, long rows (fc2's 8192 inputs) now and then differ in the last bit,
+with the same mean error against a float64 product. ``MV_CAPABILITIES`` lists where that was measured; elsewhere it
 is ``F.linear``.
 """
 
@@ -28,13 +30,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# torch.backends.cpu.get_cpu_capability() -> the row counts computed as W @ x^T (measured
-# faster there with torch 2.13: benchmarks/RESULTS.md, "small-batch fp32 GEMMs")
-ROW_WINDOWS: dict[str, tuple[int, int]] = {"AVX2": (2, 32), "AVX512": (8, 32)}
-MIN_ROWS, MAX_ROWS = ROW_WINDOWS.get(torch.backends.cpu.get_cpu_capability(), (0, -1))
-# ... and where one bfloat16 row runs as addmv (measured faster, same accuracy)
-MV_CAPABILITIES = frozenset({"AVX512"})
-ONE_ROW_MV = torch.backends.cpu.get_cpu_capability() in MV_CAPABILITIES
+
+def cpu_key() -> str:
+    """torch's CPU capability (``AVX2``, ``AVX512``, ...) plus ``+AMX`` where the CPU has AMX
+    tiles: the same capability covers CPUs whose products favour different kernels (an
+    AVX-512 Xeon with AMX and an AVX-512 EPYC without it did, in opposite ways)."""
+    key = torch.backends.cpu.get_cpu_capability()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private in torch 2.13
+    return key + "+AMX" if amx() else key
+
+
+# cpu_key() -> the row counts computed as W @ x^T, as measured faster (a whole layer's
+# products 5% or more) by benchmarks/linear_kernels.py with torch 2.13: AVX2 on a 2-core EPYC
+# (Zen 3 class), AVX512 on a 2-core EPYC (Zen 5), AVX512+AMX on a 2-core Xeon
+ROW_WINDOWS: dict[str, tuple[int, int]] = {"AVX2": (2, 32), "AVX512": (2, 32),
+                                           "AVX512+AMX": (8, 32)}
+MIN_ROWS, MAX_ROWS = ROW_WINDOWS.get(cpu_key(), (0, -1))
+# ... and where one bfloat16 row runs as addmv (on the Zen 5 EPYC addmv was 0.6-0.8x F.linear)
+MV_CAPABILITIES = frozenset({"AVX512+AMX"})
+ONE_ROW_MV = cpu_key() in MV_CAPABILITIES
 
 
 class Linear(nn.Linear):
