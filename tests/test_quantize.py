@@ -192,7 +192,50 @@ def test_w8a8_rows_of_a_batch_agree_with_each_row_alone() -> None:
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_w8a8_model_loads_and_stays_close_to_int8(tmp_path) -> None:
+def test_w8a8_projections_of_one_input_share_its_quantization(monkeypatch) -> None:
+    from flagopt.model import quantize
+
+    torch.manual_seed(2)
+    layers = []
+    for bias in (True, False, True):
+        layer = Int8Linear(64, 48, bias=bias, dtype=torch.bfloat16, int8_activations=True)
+        layer.set_weight(torch.randn(48, 64), "cpu")
+        if bias:
+            layer.bias.data = torch.randn(48).bfloat16()
+        layers.append(layer)
+    x = torch.randn(3, 5, 64).bfloat16()
+    x[1, 2, 7] = 25.0  # an outlier column too
+    calls = []
+    quantize_once = quantize.quantize_activations
+    monkeypatch.setattr(quantize, "quantize_activations",
+                        lambda x: calls.append(x.shape) or quantize_once(x))
+    with torch.no_grad():
+        shared = quantize.shared_w8a8(x, layers)
+        assert len(calls) == 1
+        for layer, y in zip(layers, shared):  # what each layer gives alone, bit for bit
+            assert torch.equal(y, layer(x))
+        assert quantize.shared_w8a8(x[:1, :1], layers) is None  # one row: weight-only kernel
+        plain = Int8Linear(64, 48, bias=False, dtype=torch.bfloat16)
+        assert quantize.shared_w8a8(x, [layers[0], plain]) is None
+
+
+def test_w8a8_rows_match_a_direct_quantization() -> None:
+    # the outlier split, per-row scale and rescale are the plain recipe's numbers
+    torch.manual_seed(3)
+    q, scale = quantize_rows(torch.randn(40, 32))
+    x = torch.randn(6, 32)
+    x[2, 4] = -9.0  # an outlier
+    big = x.abs() > 6.0
+    inner = x.masked_fill(big, 0.0)
+    xs = inner.abs().amax(1, keepdim=True) / 127.0
+    xq = (inner / xs).round()
+    expected = ((xq @ q.float().t()) * xs + x.masked_fill(~big, 0.0) @ q.float().t()) * scale
+    torch.testing.assert_close(int8_linear(x, q, scale, None, int8_activations=True), expected,
+                               rtol=1e-6, atol=1e-5)
+
+
+def test_w8a8_model_loads_and_stays_close_to_int8(tmp_path, monkeypatch) -> None:
+    from flagopt.model import quantize
     from flagopt.model.prepared import load_prepared
 
     directory, _ = _checkpoint(tmp_path)
@@ -207,6 +250,13 @@ def test_w8a8_model_loads_and_stays_close_to_int8(tmp_path) -> None:
     with torch.no_grad():
         a, b = int8(ids).logits.float(), w8a8(ids).logits.float()
     assert 0 < float((a - b).norm() / a.norm()) < 0.05
+    calls = []
+    quantize_once = quantize.quantize_activations
+    monkeypatch.setattr(quantize, "quantize_activations",
+                        lambda x: calls.append(1) or quantize_once(x))
+    with torch.no_grad():  # q/k/v quantize their shared input once per layer
+        assert torch.equal(w8a8(ids).logits.float(), b)
+    assert len(calls) == len(layers) - 2 * w8a8.config.num_hidden_layers
     warm = [load_prepared(directory, dtype=torch.bfloat16, quantize="w8a8") for _ in range(2)]
     with torch.no_grad():  # the prepared cache keeps the mode
         assert torch.equal(warm[1](ids).logits, w8a8(ids).logits)

@@ -24,6 +24,7 @@ from flagopt.model.cache import Cache, KVCache, StaticCacheView
 from flagopt.model.config import OPTConfig
 from flagopt.model.linear import Linear
 from flagopt.model.outputs import ModelOutput
+from flagopt.model.quantize import shared_w8a8
 
 # OPT's learned position table has 2 extra rows: position p is looked up at row p + 2.
 POSITION_OFFSET = 2
@@ -122,6 +123,9 @@ class OPTAttention(nn.Module):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
             return self.qkv_proj(x).chunk(3, dim=-1)
+        shared = shared_w8a8(x, (self.q_proj, self.k_proj, self.v_proj))  # quantize x once
+        if shared is not None:
+            return shared[0], shared[1], shared[2]
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,

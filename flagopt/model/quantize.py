@@ -25,6 +25,9 @@ Two modes, the same int8 weights:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,13 +95,14 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     dequantize plus a dense matmul, runs at the same per-row numerics whatever the batch.
     fp32 activations, where that kernel is slow, and other devices dequantize and matmul.
     ``int8_activations`` (the ``"w8a8"`` mode): products of 2 rows or more on CPU run as
-    int8 GEMMs (``w8a8_linear``) instead, except when a gradient must flow to ``x``.
+    int8 GEMMs (``quantize_activations`` + ``w8a8_product``) instead, except when a
+    gradient must flow to ``x``.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if int8_activations and rows >= 2 and x.device.type == "cpu" and not (
             x.requires_grad and torch.is_grad_enabled()):
-        y = w8a8_linear(x, q, scale)
-    elif x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        return w8a8_product(quantize_activations(x), q, scale, bias)
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         if x.requires_grad and torch.is_grad_enabled():  # LoRA over a frozen int8 base
             y = _FusedInt8.apply(x, q, scale)
         else:
@@ -108,17 +112,27 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return y if bias is None else y + bias
 
 
-def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (q * scale)^T`` with ``x`` quantized to int8 per row: int32 sums on
-    ``torch._int_mm``, rescaled by the row's and the channel's scales. Entries of ``x`` above
-    ``OUTLIER_THRESHOLD`` in magnitude are taken out first (so they neither lose precision
-    nor coarsen their row's scale) and added back through a dense product over the columns
-    that have any (LLM.int8()'s mixed decomposition)."""
+class Int8Rows(NamedTuple):
+    """Activations quantized for ``torch._int_mm``: one scale per row, outliers kept aside.
+    Products that read the same input (q/k/v) share one of these (``quantize_activations``)."""
+
+    values: torch.Tensor  # (rows, width) int8
+    scale: torch.Tensor  # (rows, 1) float32
+    cols: torch.Tensor | None  # (n,) the columns holding an outlier, None if none
+    outliers: torch.Tensor | None  # (rows, n) float32, the outlier entries (others 0)
+    shape: torch.Size  # the input's shape and dtype, for the result
+    dtype: torch.dtype
+
+
+def quantize_activations(x: torch.Tensor) -> Int8Rows:
+    """Quantize ``x`` per row (symmetric) after taking out the entries above
+    ``OUTLIER_THRESHOLD`` in magnitude, so that they neither lose precision nor coarsen
+    their row's scale (LLM.int8()'s mixed decomposition)."""
     rows, width = x.numel() // x.shape[-1], x.shape[-1]
     xf = x.reshape(rows, width).to(torch.float32, copy=True)  # worked on in place
     magnitude = xf.abs()
     peak = magnitude.amax(1, keepdim=True)  # (rows, 1); outliers only when it says so
-    cols = None
+    cols = outliers = None
     if float(peak.max()) > OUTLIER_THRESHOLD:
         big = magnitude > OUTLIER_THRESHOLD
         cols = big.any(0).nonzero()[:, 0]
@@ -126,12 +140,37 @@ def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         xf.masked_fill_(big, 0.0)
         peak = magnitude.masked_fill_(big, 0.0).amax(1, keepdim=True)
     xs = peak.clamp_(min=1e-12).div_(127.0)  # (rows, 1)
-    xq = xf.div_(xs).round_().to(torch.int8)
-    y = torch._int_mm(xq, q.t()).float().mul_(xs)  # int32 (rows, out) -> float32
-    if cols is not None:
-        y += outliers @ q[:, cols].float().t()
-    y = y.mul_(scale.float()).to(x.dtype)
-    return y.view(*x.shape[:-1], q.shape[0])
+    return Int8Rows(xf.div_(xs).round_().to(torch.int8), xs, cols, outliers, x.shape, x.dtype)
+
+
+def w8a8_product(a: Int8Rows, q: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ (q * scale)^T + bias``: int32 sums on ``torch._int_mm``, rescaled by the row's
+    and the channel's scales, plus the outlier columns' dense float32 product."""
+    y = torch._int_mm(a.values, q.t()).float().mul_(a.scale)  # int32 (rows, out) -> float32
+    if a.cols is not None:
+        y += a.outliers @ q[:, a.cols].float().t()
+    y = y.mul_(scale.float()).to(a.dtype)
+    return (y if bias is None else y + bias).view(*a.shape[:-1], q.shape[0])
+
+
+def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scale)^T`` with ``x`` quantized to int8 per row (``quantize_activations``)
+    on ``torch._int_mm``."""
+    return w8a8_product(quantize_activations(x), q, scale)
+
+
+def shared_w8a8(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor] | None:
+    """The outputs of ``layers`` on the same input ``x`` when they all take the w8a8 path
+    (``Int8Linear`` with int8 activations, 2+ rows on CPU, no gradient): ``x`` is quantized
+    once for all of them, with the results each would give alone. None otherwise."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not (rows >= 2 and x.device.type == "cpu" and not (x.requires_grad and
+            torch.is_grad_enabled()) and all(isinstance(m, Int8Linear) and m.int8_activations
+                                             for m in layers)):
+        return None
+    a = quantize_activations(x)
+    return [w8a8_product(a, m.weight, m.scale, m.bias) for m in layers]
 
 
 def _fused_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
