@@ -4,7 +4,8 @@ at opt-1.3b's matrix shapes, with the weights streamed from memory (not from cac
     python benchmarks/linear_kernels.py [--rows 1,2,4,8,16,32,64] [--threads N] [--mib 512]
 
 For float32 it compares ``F.linear(x, W)`` (``x @ W^T``) with ``W @ x^T`` (what ``Linear`` runs
-inside ``ROW_WINDOWS``); for one bfloat16 row ``F.linear`` with ``addmv`` (what it runs where
+inside ``ROW_WINDOWS``) and, for one row, with one ``bmm`` over slices split across the threads
+(where ``ONE_ROW_SPLIT``); for one bfloat16 row ``F.linear`` with ``addmv`` (where
 ``ONE_ROW_MV``). Each figure is the median over rounds of one call on each of several copies
 of the matrix (``--mib`` of weights in all, so that a round cannot be served from the last
 level cache), as GB/s of weight bytes read. The last lines print the row window and the
@@ -65,6 +66,7 @@ def main() -> None:
     # seconds per GB summed over a layer's matrices: rows -> [F.linear, W @ x^T]
     layer = {r: [0.0, 0.0] for r in rows_list}
     mv_layer = [0.0, 0.0]  # [F.linear, addmv], one bf16 row
+    split_layer = [0.0, 0.0]  # [F.linear, bmm over the threads], one fp32 row
     with torch.inference_mode():
         for label, (out_f, in_f, count) in SHAPES.items():
             weights = copies(out_f, in_f, torch.float32, args.mib)
@@ -77,6 +79,15 @@ def main() -> None:
                 layer[rows][1] += count / left
                 print(f"float32  {label:22s} rows={rows:3d}  F.linear {plain:6.1f} GB/s  "
                       f"W@x^T {left:6.1f} GB/s  ({left / plain:4.2f}x)", flush=True)
+                parts = torch.get_num_threads()
+                if rows == 1 and parts > 1:
+                    split = stream_rate(lambda x, w: linear_module._split_row(x, w, None, parts),
+                                        weights, x, args.rounds)
+                    split_layer[0] += count / plain
+                    split_layer[1] += count / split
+                    print(f"float32  {label:22s} rows=  1  F.linear {plain:6.1f} GB/s  "
+                          f"split in {parts} {split:6.1f} GB/s  ({split / plain:4.2f}x)",
+                          flush=True)
             del weights
             weights = copies(out_f, in_f, torch.bfloat16, args.mib)
             x = torch.randn(1, in_f).bfloat16()
@@ -96,6 +107,11 @@ def main() -> None:
     key = linear_module.cpu_key()
     print(f"implied W@x^T rows (a layer {MARGIN}x faster): {faster}, window {implied}; "
           f"linear.py holds {linear_module.ROW_WINDOWS.get(key)} for {key}")
+    if split_layer[1]:
+        ratio = split_layer[0] / split_layer[1]
+        print(f"float32 one row: a layer {ratio:4.2f}x faster split over the threads, implied "
+              f"{ratio >= MARGIN}; linear.py holds {key in linear_module.SPLIT_CAPABILITIES} "
+              f"for {key}")
     print(f"bfloat16 one row: a layer {mv:4.2f}x faster as addmv, implied "
           f"{mv >= MARGIN}; linear.py holds {key in linear_module.MV_CAPABILITIES} for {key}")
 

@@ -1,5 +1,5 @@
-"""The decoder's linear layer: ``nn.Linear``, with the CPU products of one bfloat16 row and
-of a few float32 rows computed the way that streams the weights fastest.
+"""The decoder's linear layer: ``nn.Linear``, with the CPU products of one row and of a few
+float32 rows computed the way that streams the weights fastest.
 
 ``F.linear(x, W, b)`` is ``x @ W^T + b``. On CPU, for float32 and a few rows (2 to 32: a
 small batch decoding, or speculative decoding verifying a few proposals), MKL's kernel for
@@ -20,8 +20,17 @@ streams the weights at ~16 GB/s and ``addmv`` (matrix-vector) at ~25 GB/s (opt-1
 decoding 9.0 vs 6.5 tok/s in an ad-hoc A/B); on the AVX-512 EPYC without AMX it is the other
 way round (``addmv`` 0.6-0.8x). Both sum in float32 and round once to bf16; most products
 come out bit-identical, long rows (fc2's 8192 inputs) now and then differ in the last bit,
-with the same mean error against a float64 product. ``MV_CAPABILITIES`` lists where that was measured; elsewhere it
-is ``F.linear``.
+with the same mean error against a float64 product. ``MV_CAPABILITIES`` lists where that
+was measured; elsewhere it is ``F.linear``.
+
+One float32 row (batch-1 decoding in fp32): torch computes it on one thread whatever
+``torch.set_num_threads`` says. On the Zen 5 EPYC one core streams 19-24 GB/s of a measured
+62; the same product as one ``bmm`` over ``torch.get_num_threads()`` slices of the output
+rows spreads over the threads and streamed 33-42 GB/s (opt-1.3b fp32 decoding 4.94 vs 3.19
+tok/s in an ad-hoc A/B, same tokens). Each output is still one dot product summed in float32,
+in a different order than ``F.linear``'s kernel: they agree to float32 rounding.
+``SPLIT_CAPABILITIES`` lists where that was measured; on the AMX Xeon one thread already
+streamed at ~96% of the bandwidth, so it is not used there.
 """
 
 from __future__ import annotations
@@ -49,21 +58,33 @@ MIN_ROWS, MAX_ROWS = ROW_WINDOWS.get(cpu_key(), (0, -1))
 # ... and where one bfloat16 row runs as addmv (on the Zen 5 EPYC addmv was 0.6-0.8x F.linear)
 MV_CAPABILITIES = frozenset({"AVX512+AMX"})
 ONE_ROW_MV = cpu_key() in MV_CAPABILITIES
+# ... and where one float32 row is split across the intra-op threads (a batched product):
+# torch runs a one-row product on one thread, which on the Zen 5 EPYC streams 19-24 of its
+# 62 GB/s; split in two it streamed 33-34
+SPLIT_CAPABILITIES = frozenset({"AVX512"})
+ONE_ROW_SPLIT = cpu_key() in SPLIT_CAPABILITIES
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, state dict and, to float32 rounding, results) whose
     float32 CPU products of ``MIN_ROWS`` to ``MAX_ROWS`` rows (this CPU's window in
-    ``ROW_WINDOWS``) run as ``W @ x^T``, and one bfloat16 row as ``addmv`` where
-    ``ONE_ROW_MV`` (see the module docstring)."""
+    ``ROW_WINDOWS``) run as ``W @ x^T``, one float32 row split over the threads where
+    ``ONE_ROW_SPLIT``, and one bfloat16 row as ``addmv`` where ``ONE_ROW_MV`` (see the module
+    docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return linear(x, self.weight, self.bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, as ``W @ x^T`` or ``addmv`` where that is faster."""
+    """``F.linear(x, weight, bias)``, as ``W @ x^T``, a split ``bmm`` or ``addmv`` where that
+    is faster."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (rows == 1 and ONE_ROW_SPLIT and x.dtype == torch.float32 and weight.dtype == x.dtype
+            and x.device.type == "cpu" and weight.is_contiguous()):
+        parts = torch.get_num_threads()
+        if parts > 1 and weight.shape[0] % parts == 0:
+            return _split_row(x, weight, bias, parts)
     if (rows == 1 and ONE_ROW_MV and x.dtype == torch.bfloat16 and weight.dtype == x.dtype
             and x.device.type == "cpu" and (bias is None or bias.dtype == x.dtype)):
         v = x.reshape(x.shape[-1])
@@ -76,3 +97,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     out = torch.mm(weight, flat.t()) if bias is None else \
         torch.addmm(bias[:, None], weight, flat.t())
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def _split_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               parts: int) -> torch.Tensor:
+    """One row times ``weight^T`` as ``parts`` products over slices of the output rows, in
+    one ``bmm`` (which spreads its batch over the threads)."""
+    out_f, in_f = weight.shape
+    w = weight.view(parts, out_f // parts, in_f)  # (P, out/P, in)
+    v = x.reshape(1, in_f).t().expand(parts, in_f, 1)  # (P, in, 1); strides (0, 1, in)
+    out = torch.bmm(w, v) if bias is None else torch.baddbmm(bias.view(parts, -1, 1), w, v)
+    return out.view(*x.shape[:-1], out_f)
