@@ -221,3 +221,23 @@ def test_finetune_bench_trains_both_engines_on_the_same_curve(tmp_path):
     assert run["ratios"]["tokens_per_s"] > 0 and run["ratios"]["peak_rss"] > 0
     assert run["target"]["met"] in (True, False)
     assert "| flagopt |" in proc.stdout and "| transformers |" in proc.stdout
+
+
+@pytest.mark.parametrize("extra", [["--steps", "2"], ["--prefill", "--quantize", "w8a8"]])
+def test_profile_step_splits_a_step_into_products_attention_and_the_rest(tmp_path, extra):
+    from flagopt.model.synthetic import write_random_checkpoint
+    from tests.conftest import tiny_config
+
+    directory = write_random_checkpoint(tmp_path / "tiny", tiny_config())
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--checkpoint",
+           str(directory), "--dtype", "bfloat16", "--batch", "2", "--prompt-len", "8",
+           "--threads", "1", "--membw-mib", "16", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shares = dict(part.rsplit(" ", 1) for part in
+                  proc.stdout.split("per unit: ", 1)[1].splitlines()[0].split(", "))
+    assert set(shares) == {"weight products", "attention", "everything else"}
+    assert abs(sum(float(v.rstrip("%")) for v in shares.values()) - 100) <= 2
+    assert float(shares["weight products"].rstrip("%")) > 0
+    product = "aten::_int_mm" if "w8a8" in extra else "aten::addmm"
+    assert product in proc.stdout and "GB/s streamed" in proc.stdout
