@@ -35,12 +35,13 @@ from flagopt.model.prepared import load_prepared  # noqa: E402
 from flagopt.predictor.generation import iter_generate  # noqa: E402
 from flagopt.predictor.params import GenerationParams  # noqa: E402
 
-# ops that multiply by a weight matrix (the layers and the LM head)
+# ops that multiply by a weight matrix (the layers and the LM head); bmm/baddbmm are the
+# one-row float32 product split over the threads (model/linear.py): attention is sdpa here
 PRODUCTS = {"aten::addmm", "aten::mm", "aten::mv", "aten::addmv", "aten::_weight_int8pack_mm",
-            "aten::_int_mm", "aten::linear", "aten::matmul"}
+            "aten::_int_mm", "aten::linear", "aten::matmul", "aten::bmm", "aten::baddbmm"}
 ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu",
-             "aten::_scaled_dot_product_attention_math", "aten::bmm", "aten::baddbmm",
-             "aten::_softmax", "aten::scaled_dot_product_attention"}
+             "aten::_scaled_dot_product_attention_math", "aten::_softmax",
+             "aten::scaled_dot_product_attention"}
 
 
 def read_bandwidth(mib: int = 1024, runs: int = 5) -> float:
