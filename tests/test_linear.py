@@ -51,9 +51,12 @@ def test_other_dtypes_and_the_switch_are_plain_f_linear(monkeypatch) -> None:
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_gradients_match_f_linear() -> None:
+@pytest.mark.parametrize("rows, split", [(6, False), (1, True)])  # W @ x^T; the split row
+def test_gradients_match_f_linear(monkeypatch, rows: int, split: bool) -> None:
+    monkeypatch.setattr(linear_module, "ONE_ROW_SPLIT", split)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     layer = _layer(bias=True)
-    x = torch.randn(6, 96, requires_grad=True)
+    x = torch.randn(rows, 96, requires_grad=True)
     layer(x).square().sum().backward()
     grads = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
     for t in (x, layer.weight, layer.bias):
@@ -132,17 +135,3 @@ def test_one_fp32_row_split_falls_back_where_it_cannot_split(monkeypatch) -> Non
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     transposed = layer.weight.detach().t().contiguous().t()  # not contiguous: no view
     assert torch.equal(linear_module.linear(x, transposed, None), F.linear(x, transposed))
-
-
-def test_one_fp32_row_split_passes_gradients(monkeypatch) -> None:
-    monkeypatch.setattr(linear_module, "ONE_ROW_SPLIT", True)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    layer = _layer(bias=True)
-    x = torch.randn(1, 96, requires_grad=True)
-    layer(x).square().sum().backward()
-    grads = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
-    for t in (x, layer.weight, layer.bias):
-        t.grad = None
-    F.linear(x, layer.weight, layer.bias).square().sum().backward()
-    for got, t in zip(grads, (x, layer.weight, layer.bias)):
-        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-5)
