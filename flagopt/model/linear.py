@@ -26,11 +26,11 @@ was measured; elsewhere it is ``F.linear``.
 One float32 row (batch-1 decoding in fp32): torch computes it on one thread whatever
 ``torch.set_num_threads`` says. On the Zen 5 EPYC one core streams 19-24 GB/s of a measured
 62; the same product as one ``bmm`` over ``torch.get_num_threads()`` slices of the output
-rows spreads over the threads and streamed 33-42 GB/s (opt-1.3b fp32 decoding 4.94 vs 3.19
+rows spreads over the threads and streamed 27-42 GB/s (opt-1.3b fp32 decoding 4.94 vs 3.19
 tok/s in an ad-hoc A/B, same tokens). Each output is still one dot product summed in float32,
 in a different order than ``F.linear``'s kernel: they agree to float32 rounding.
-``SPLIT_CAPABILITIES`` lists where that was measured; on the AMX Xeon one thread already
-streamed at ~96% of the bandwidth, so it is not used there.
+``SPLIT_CAPABILITIES`` lists where that was measured; on the AMX Xeon fp32 decoding already
+ran at ~96% of the bandwidth ceiling, so it is not used there.
 """
 
 from __future__ import annotations
