@@ -60,7 +60,7 @@ MV_CAPABILITIES = frozenset({"AVX512+AMX"})
 ONE_ROW_MV = cpu_key() in MV_CAPABILITIES
 # ... and where one float32 row is split across the intra-op threads (a batched product):
 # torch runs a one-row product on one thread, which on the Zen 5 EPYC streams 19-24 of its
-# 62 GB/s; split in two it streamed 33-34
+# 62 GB/s; split in two it streamed 27-42 (benchmarks/linear_kernels.py)
 SPLIT_CAPABILITIES = frozenset({"AVX512"})
 ONE_ROW_SPLIT = cpu_key() in SPLIT_CAPABILITIES
 

@@ -98,9 +98,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     int8 GEMMs (``quantize_activations`` + ``w8a8_product``) instead, except when a
     gradient must flow to ``x``.
     """
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if int8_activations and rows >= 2 and x.device.type == "cpu" and not (
-            x.requires_grad and torch.is_grad_enabled()):
+    if int8_activations and _takes_int8_activations(x):
         return w8a8_product(quantize_activations(x), q, scale, bias)
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         if x.requires_grad and torch.is_grad_enabled():  # LoRA over a frozen int8 base
@@ -110,6 +108,13 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     else:  # the scale applies per output channel, so it goes on the (rows, out) result
         y = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     return y if bias is None else y + bias
+
+
+def _takes_int8_activations(x: torch.Tensor) -> bool:
+    """Whether a w8a8 product quantizes ``x``: 2 rows or more, on CPU, no gradient to it."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return rows >= 2 and x.device.type == "cpu" and not (
+        x.requires_grad and torch.is_grad_enabled())
 
 
 class Int8Rows(NamedTuple):
@@ -164,10 +169,8 @@ def shared_w8a8(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tens
     """The outputs of ``layers`` on the same input ``x`` when they all take the w8a8 path
     (``Int8Linear`` with int8 activations, 2+ rows on CPU, no gradient): ``x`` is quantized
     once for all of them, with the results each would give alone. None otherwise."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not (rows >= 2 and x.device.type == "cpu" and not (x.requires_grad and
-            torch.is_grad_enabled()) and all(isinstance(m, Int8Linear) and m.int8_activations
-                                             for m in layers)):
+    if not (_takes_int8_activations(x) and all(
+            isinstance(m, Int8Linear) and m.int8_activations for m in layers)):
         return None
     a = quantize_activations(x)
     return [w8a8_product(a, m.weight, m.scale, m.bias) for m in layers]
