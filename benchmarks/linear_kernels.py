@@ -9,8 +9,8 @@ inside ``ROW_WINDOWS``) and, for one row, with one ``bmm`` over slices split acr
 ``ONE_ROW_MV``). Each figure is the median over rounds of one call on each of several copies
 of the matrix (``--mib`` of weights in all, so that a round cannot be served from the last
 level cache), as GB/s of weight bytes read. The last lines print the row window and the
-one-row choice this machine's figures imply, beside the ones ``linear.py`` holds for this CPU
-capability: the table there is these measurements, made on each machine class it names.
+one-row choices this machine's figures imply, beside the ones ``linear.py`` holds for this
+CPU (``cpu_key()``): its tables are these measurements, made on each machine class they name.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -30,6 +31,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import checkpoints  # noqa: E402  (benchmarks/checkpoints.py)
+import engines  # noqa: E402
+import worker  # noqa: E402
 
 from flagopt.model.prepared import load_prepared  # noqa: E402
 from flagopt.predictor.generation import iter_generate  # noqa: E402
@@ -44,28 +47,11 @@ ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu",
              "aten::scaled_dot_product_attention"}
 
 
-def read_bandwidth(mib: int = 1024, runs: int = 5) -> float:
-    """Best-of-``runs`` read bandwidth (GB/s) of summing a ``mib`` float32 tensor."""
-    src = torch.ones(mib * 2**20 // 4)
-    src.sum()
-    best = min(_timed(src.sum) for _ in range(runs))
-    return src.numel() * 4 / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes one step reads from the weights: every matrix once (the tied head counted once)."""
-    seen, total = set(), 0
-    for p in list(model.parameters()) + list(model.buffers()):
-        if p.dim() >= 2 and p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """The weight bytes one step reads, as bench.py counts them for its ceiling (every tensor
+    once, less the position table, of which a step reads one row)."""
+    view = SimpleNamespace(model=model)
+    return engines._TorchEngine.weights_bytes(view) - engines._TorchEngine.position_bytes(view)
 
 
 def main() -> None:
@@ -116,7 +102,7 @@ def main() -> None:
                     next(steps)
                 wall = time.perf_counter() - start
             units = args.steps
-    report(prof, wall, units, weight_bytes(model), args, directory.name)
+    report(prof, wall, units, bytes_per_token(model), args, directory.name)
 
 
 def report(prof, wall: float, units: int, nbytes: int, args: argparse.Namespace,
@@ -136,12 +122,13 @@ def report(prof, wall: float, units: int, nbytes: int, args: argparse.Namespace,
     print(f"{name} {mode} ({args.dtype} activations), {what}, {args.threads} threads, "
           f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})")
     per = wall / units
-    bw = read_bandwidth(args.membw_mib)
+    bw = worker.memory_bandwidth({"device": "cpu", "threads": args.threads,
+                                  "bytes": args.membw_mib * 2**20, "runs": 5})["read_gb_s"]
     print(f"wall {per * 1e3:.1f} ms per {'prefill' if args.prefill else 'step'} "
           f"(profiled; the profiler adds a little); weights {nbytes / 1e9:.2f} GB -> "
           f"{nbytes / per / 1e9:.1f} GB/s streamed, read bandwidth {bw:.1f} GB/s")
     print(f"self CPU time {total * 1e3 / units:.1f} ms per unit: " + ", ".join(
-        f"{name} {t / total:.0%}" for name, t in groups.items()))
+        f"{group} {t / total:.0%}" for group, t in groups.items()))
     print(f"{'op':48s} {'share':>6s} {'calls/unit':>10s}")
     for key, t in sorted(by_op.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"{key[:48]:48s} {t / total:6.1%} {calls[key] / units:10.1f}")
